@@ -1,0 +1,155 @@
+"""Scheduler configs in diffusers' ``scheduler_config.json`` format, without importing diffusers.
+
+A config is a read-only mapping (:class:`FrozenConfig`) with attribute access. Its keys are the constructor's
+parameters, plus private bookkeeping keys (``_class_name``, ``_diffusers_version``, ``_use_default_values``) and any
+keys of other schedulers' configs it was built from, which are kept so that converting back loses nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterable, Mapping
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["CONFIG_NAME", "FrozenConfig", "config_to_json", "load_config_file", "split_config"]
+
+logger = logging.getLogger("tcd_sampler")
+
+#: File name of a saved scheduler config, as in diffusers.
+CONFIG_NAME = "scheduler_config.json"
+
+#: The diffusers release whose config format and numbers this package reproduces.
+REFERENCE_DIFFUSERS_VERSION = "0.42.1"
+
+
+class FrozenConfig(dict):
+    """A read-only ``dict`` with attribute access (``config.num_train_timesteps``), like diffusers' ``FrozenDict``."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"config has no key {name!r}") from None
+
+    def _readonly(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError(
+            "scheduler configs are read-only; build a new scheduler with "
+            "`Scheduler.from_config(scheduler.config, key=value)` or call `register_to_config(key=value)`"
+        )
+
+    __setitem__ = __delitem__ = __setattr__ = __delattr__ = _readonly  # type: ignore[assignment]
+    update = pop = popitem = clear = setdefault = _readonly  # type: ignore[assignment]
+
+    def __ior__(self, other: Any) -> FrozenConfig:  # type: ignore[override,misc]
+        self._readonly()
+        return self
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (FrozenConfig, (dict(self),))
+
+
+def _diffusers_version() -> str:
+    try:
+        return metadata.version("diffusers")
+    except metadata.PackageNotFoundError:
+        return REFERENCE_DIFFUSERS_VERSION
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return value.as_posix()
+    if isinstance(value, (list, tuple)):
+        return [_json_value(v) for v in value]
+    if hasattr(value, "tolist"):  # numpy scalars, tensors
+        return value.tolist()
+    return value
+
+
+def config_to_json(config: Mapping[str, Any], class_name: str) -> str:
+    """Serialize as diffusers does: ``_class_name`` and ``_diffusers_version`` set, ``_use_default_values`` dropped,
+    keys sorted, two-space indent, trailing newline."""
+    out = {k: _json_value(v) for k, v in config.items() if k != "_use_default_values"}
+    out["_class_name"] = class_name
+    out["_diffusers_version"] = _diffusers_version()
+    return json.dumps(out, indent=2, sort_keys=True) + "\n"
+
+
+def load_config_file(
+    pretrained_model_name_or_path: str | os.PathLike[str],
+    subfolder: str | None = None,
+    **hub_kwargs: Any,
+) -> dict[str, Any]:
+    """Read a ``scheduler_config.json`` from a folder (optionally its ``subfolder``), a JSON file, or a Hub repo.
+
+    Hub repos need ``huggingface_hub`` (installed with diffusers) and network access; ``hub_kwargs`` (``revision``,
+    ``cache_dir``, ``token``, ``local_files_only`` …) go to ``hf_hub_download``.
+    """
+    path = Path(pretrained_model_name_or_path)
+    if subfolder:
+        path = path / subfolder
+    if path.is_dir():
+        path = path / CONFIG_NAME
+    if path.is_file():
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} does not hold a JSON object")
+        return data
+    if Path(pretrained_model_name_or_path).exists():
+        raise FileNotFoundError(f"no {CONFIG_NAME} at {path}")
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError:
+        raise FileNotFoundError(
+            f"{pretrained_model_name_or_path!r} is not a local folder or file, and loading from the Hugging Face Hub "
+            "needs `huggingface_hub` (pip install 'tcd-sampler[diffusers]')"
+        ) from None
+    file = hf_hub_download(str(pretrained_model_name_or_path), CONFIG_NAME, subfolder=subfolder, **hub_kwargs)
+    with open(file, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def split_config(
+    config: Mapping[str, Any], parameters: Iterable[str], class_name: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split a config into constructor arguments and the keys to keep alongside them.
+
+    Keys listed in the config's ``_use_default_values`` are dropped, so our defaults apply to them, as diffusers
+    does. Unknown keys are kept (returned as extras); a warning names them when the config claims to be ours (or
+    names no class), since there they are probably typos. Private keys other than ``_use_default_values`` are kept,
+    with ``_class_name`` rewritten to ours.
+    """
+    if not isinstance(config, Mapping):
+        raise TypeError(f"config must be a mapping (e.g. `scheduler.config`), got {type(config).__name__}")
+    params = set(parameters)
+    defaults = set(config.get("_use_default_values", ()))
+    init: dict[str, Any] = {}
+    extras: dict[str, Any] = {}
+    for key, value in config.items():
+        if key == "_use_default_values":
+            continue
+        if key in params:
+            if key not in defaults:
+                init[key] = value
+        else:
+            extras[key] = value
+    source = config.get("_class_name", class_name)
+    if "_class_name" in extras:
+        extras["_class_name"] = class_name
+    unknown = sorted(k for k in extras if not k.startswith("_"))
+    if unknown:
+        if source == class_name:
+            logger.warning(
+                "config keys %s are not parameters of %s; they are kept but have no effect", unknown, class_name
+            )
+        else:
+            logger.info("keeping %s keys %s that %s does not use", source, unknown, class_name)
+    return init, extras

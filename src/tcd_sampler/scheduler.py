@@ -1,0 +1,580 @@
+"""``TCDScheduler``: a drop-in, stateful, diffusers-compatible front end over the pure TCD core.
+
+It holds the configuration, the schedule and the step counter, validates input at the boundary
+(constructor, ``set_timesteps``, the first ``step``), and delegates the math to :mod:`tcd_sampler.step`.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from functools import partial
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from .config import CONFIG_NAME, FrozenConfig, config_to_json, load_config_file, split_config
+from .paths import BETA_SCHEDULES, VPDiscretePath, make_betas, rescale_zero_terminal_snr
+from .step import (
+    PREDICTION_TYPES,
+    GeneratorLike,
+    StepTable,
+    build_vp_table,
+    clip_x0,
+    draw_noise,
+    dynamic_threshold_x0,
+    tcd_step,
+    working_dtype,
+)
+from .timesteps import TIMESTEP_SPACINGS, custom_schedule, distillation_grid, tcd_schedule
+
+__all__ = ["TCDScheduler", "TCDSchedulerOutput"]
+
+logger = logging.getLogger("tcd_sampler")
+
+#: ``eta`` used when ``step`` receives ``eta=None`` (the LCM pipelines pass ``None``).
+DEFAULT_ETA = 0.3
+
+
+@dataclass
+class TCDSchedulerOutput:
+    """Output of :meth:`TCDScheduler.step`.
+
+    Attributes:
+        prev_sample: ``x_t'``, the input of the next model call, shape of the sample.
+        pred_noised_sample: ``x_s``, the denoised estimate carried to time ``s``.
+        pred_original_sample: ``x̂0`` after clipping/thresholding.
+
+    As in diffusers, the tuple form (``to_tuple()``, ``step(..., return_dict=False)``) is
+    ``(prev_sample, pred_noised_sample)``; indexing and iteration follow it.
+    """
+
+    prev_sample: torch.Tensor
+    pred_noised_sample: torch.Tensor
+    pred_original_sample: torch.Tensor
+
+    def to_tuple(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(prev_sample, pred_noised_sample)``."""
+        return (self.prev_sample, self.pred_noised_sample)
+
+    def __getitem__(self, key: int | slice | str) -> Any:
+        if isinstance(key, str):
+            return getattr(self, key)
+        return self.to_tuple()[key]
+
+    def __iter__(self) -> Any:
+        return iter(self.to_tuple())
+
+    def __len__(self) -> int:
+        return 2
+
+    def keys(self) -> list[str]:
+        """Field names, as on diffusers' ``BaseOutput``."""
+        return [f.name for f in fields(self)]
+
+
+def _check_number(name: str, value: Any, low: float, high: float, *, low_open: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    v = float(value)
+    ok = (low < v if low_open else low <= v) and v <= high
+    if not ok:
+        bracket = "(" if low_open else "["
+        raise ValueError(f"{name} must be in {bracket}{low}, {high}], got {value}")
+    return v
+
+
+def _check_int(name: str, value: Any, low: int, high: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+    if value < low or (high is not None and value > high):
+        upper = "∞" if high is None else str(high)
+        raise ValueError(f"{name} must be an integer in [{low}, {upper}], got {value}")
+    return int(value)
+
+
+def _check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+    return str(value)
+
+
+def _check_float_tensor(name: str, value: Any) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if not torch.is_floating_point(value):
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
+    return value
+
+
+def _record_explicit_keys(init: Any) -> Any:
+    """Let ``__init__`` know which parameters the caller passed, for the config's ``_use_default_values``."""
+
+    names = [n for n in inspect.signature(init).parameters if n != "self"]
+
+    @functools.wraps(init)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> None:
+        self._explicit_keys = set(names[: len(args)]) | set(kwargs)
+        init(self, *args, **kwargs)
+
+    return wrapper
+
+
+class TCDScheduler:
+    """Strategic Stochastic Sampling of *Trajectory Consistency Distillation* (Zheng et al. 2024, Algorithm 4).
+
+    A drop-in replacement for diffusers' ``TCDScheduler``: same constructor, config files, ``set_timesteps`` and
+    ``step`` signatures, and the same numbers in the default configuration, given the same ``torch.Generator``.
+    Unlike the reference, every parameter below has an effect.
+
+    Args:
+        num_train_timesteps: T, the number of timesteps the model was trained with. Default 1000.
+        beta_start: first beta of the ``linear``/``scaled_linear`` schedules. Default 0.00085.
+        beta_end: last beta of those schedules. Default 0.012.
+        beta_schedule: ``"linear"``, ``"scaled_linear"`` (default, Stable Diffusion) or ``"squaredcos_cap_v2"``.
+        trained_betas: explicit betas of length T, overriding the named schedule. Default None.
+        original_inference_steps: N_orig, the size of the distillation grid ``{k·i − 1}``, ``k = T // N_orig``, that
+            inference timesteps are taken from. Default 50.
+        clip_sample: clamp ``x̂0`` to ``[−clip_sample_range, clip_sample_range]`` before ``x_s`` is formed; ``ε̂`` is
+            then recomputed from the clipped ``x̂0`` (DDIM's convention). Default False.
+        clip_sample_range: the clamp bound of ``clip_sample``. Default 1.0.
+        set_alpha_to_one: in the consistency-boundary mode (a later release), whether the clean endpoint uses
+            ``ᾱ = 1`` (True) or ``ᾱ_0``; the default TCD step always targets ``ᾱ_0`` at the end, as the reference.
+            Default True.
+        steps_offset: shifts every point of the schedule grid up by this many timesteps (clamped to ``T − 1``), as
+            diffusers' DDIM does for ``leading`` spacing. Default 0. Note that diffusers' Stable Diffusion 1.x/2.x
+            pipelines and SD/SDXL scheduler configs set this to 1, which moves the schedule one timestep off the grid
+            the TCD LoRAs were distilled on; pass ``steps_offset=0`` to match diffusers' TCD numbers there.
+        prediction_type: what the model predicts: ``"epsilon"`` (default), ``"sample"`` or ``"v_prediction"``.
+        thresholding: dynamic thresholding of ``x̂0`` (Imagen) before ``x_s`` is formed; takes precedence over
+            ``clip_sample``. Unsuitable for latent models. Default False.
+        dynamic_thresholding_ratio: the quantile of ``|x̂0|`` used as the threshold. Default 0.995.
+        sample_max_value: upper bound of the dynamic threshold. Default 1.0.
+        timestep_spacing: how ``num_inference_steps`` timesteps are taken from the grid: ``"leading"`` (default) and
+            ``"trailing"`` take indices ``⌊i·len/n⌋`` from the top (TCD's selection); ``"linspace"`` spreads them
+            evenly with the highest and lowest grid points included.
+        timestep_scaling: ``k`` in the consistency boundary condition ``c_skip, c_out`` of the consistency-boundary
+            mode (a later release); not used by the default TCD step. Default 10.0.
+        rescale_betas_zero_snr: rescale betas to zero terminal SNR (Lin et al. 2023); use with
+            ``v_prediction`` or ``sample`` models, since ``epsilon`` cannot recover ``x̂0`` where ``ᾱ = 0``.
+            Default False.
+    """
+
+    order: ClassVar[int] = 1
+    config_name: ClassVar[str] = CONFIG_NAME
+    init_noise_sigma: float = 1.0
+
+    @_record_explicit_keys
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.00085,
+        beta_end: float = 0.012,
+        beta_schedule: str = "scaled_linear",
+        trained_betas: np.ndarray | Sequence[float] | None = None,
+        original_inference_steps: int = 50,
+        clip_sample: bool = False,
+        clip_sample_range: float = 1.0,
+        set_alpha_to_one: bool = True,
+        steps_offset: int = 0,
+        prediction_type: str = "epsilon",
+        thresholding: bool = False,
+        dynamic_thresholding_ratio: float = 0.995,
+        sample_max_value: float = 1.0,
+        timestep_spacing: str = "leading",
+        timestep_scaling: float = 10.0,
+        rescale_betas_zero_snr: bool = False,
+    ) -> None:
+        config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        explicit = getattr(self, "_explicit_keys", set(config))
+        self._apply_config({**config, "_use_default_values": [k for k in config if k not in explicit]})
+
+    # ------------------------------------------------------------------ config
+
+    @classmethod
+    def _signature(cls) -> dict[str, inspect.Parameter]:
+        params = dict(inspect.signature(cls.__init__).parameters)
+        params.pop("self")
+        return params
+
+    def _apply_config(self, config: Mapping[str, Any]) -> None:
+        """Validate a full config, build the path, and reset the schedule."""
+        c = FrozenConfig(config)
+        T = _check_int("num_train_timesteps", c["num_train_timesteps"], 1)
+        _check_choice("prediction_type", c["prediction_type"], PREDICTION_TYPES)
+        _check_choice("timestep_spacing", c["timestep_spacing"], TIMESTEP_SPACINGS)
+        _check_int("original_inference_steps", c["original_inference_steps"], 1, T)
+        _check_int("steps_offset", c["steps_offset"], 0, T - 1)
+        _check_number("clip_sample_range", c["clip_sample_range"], 0.0, float("inf"), low_open=True)
+        _check_number("dynamic_thresholding_ratio", c["dynamic_thresholding_ratio"], 0.0, 1.0)
+        _check_number("sample_max_value", c["sample_max_value"], 1.0, float("inf"))
+        _check_number("timestep_scaling", c["timestep_scaling"], 0.0, float("inf"), low_open=True)
+        if c["trained_betas"] is None:
+            _check_choice("beta_schedule", c["beta_schedule"], BETA_SCHEDULES)
+            _check_number("beta_start", c["beta_start"], 0.0, 1.0)
+            _check_number("beta_end", c["beta_end"], 0.0, 1.0)
+        betas = make_betas(T, c["beta_start"], c["beta_end"], c["beta_schedule"], c["trained_betas"])
+        if betas.ndim != 1 or betas.shape[0] != T:
+            raise ValueError(f"trained_betas must have length num_train_timesteps={T}, got shape {tuple(betas.shape)}")
+        if not bool(torch.all((betas >= 0) & (betas <= 1))):
+            raise ValueError("trained_betas must all lie in [0, 1]")
+        if c["rescale_betas_zero_snr"]:
+            betas = rescale_zero_terminal_snr(betas)
+        self._config = c
+        self._path = VPDiscretePath.from_betas(betas)
+        self.betas = self._path.betas
+        self.alphas = 1.0 - self.betas
+        self.alphas_cumprod = self._path.alphas_cumprod
+        self.final_alpha_cumprod = torch.tensor(1.0) if c["set_alpha_to_one"] else self.alphas_cumprod[0]
+        self._noise_tables: dict[tuple[str, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._x0_transform = self._make_x0_transform()
+        self.num_inference_steps: int | None = None
+        self.custom_timesteps = False
+        self._set_schedule(np.arange(T - 1, -1, -1, dtype=np.int64), None)
+        self._step_index: int | None = None
+        self._begin_index: int | None = None
+
+    def _make_x0_transform(self) -> Any:
+        c = self._config
+        if c["thresholding"]:
+            return partial(dynamic_threshold_x0, ratio=c["dynamic_thresholding_ratio"], max_value=c["sample_max_value"])
+        if c["clip_sample"]:
+            return partial(clip_x0, clip_range=c["clip_sample_range"])
+        return None
+
+    @property
+    def config(self) -> FrozenConfig:
+        """The read-only configuration (key and attribute access)."""
+        return self._config
+
+    @property
+    def _internal_dict(self) -> FrozenConfig:
+        # diffusers' name for the config; pipelines replace it to patch legacy configs.
+        return self._config
+
+    @_internal_dict.setter
+    def _internal_dict(self, value: Mapping[str, Any]) -> None:
+        self._apply_config(value)
+
+    def register_to_config(self, **kwargs: Any) -> None:
+        """Update config keys (diffusers' API); the schedule is rebuilt and must be set again."""
+        self._apply_config({**self._config, **kwargs})
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], return_unused_kwargs: bool = False, **kwargs: Any) -> Any:
+        """Build a scheduler from a config mapping, e.g. ``pipe.scheduler.config`` of any diffusers scheduler.
+
+        Args:
+            config: a scheduler config (diffusers' or ours). Keys listed in its ``_use_default_values`` take our
+                defaults; keys we do not know are kept in our config, so converting back loses nothing.
+            return_unused_kwargs: return ``(scheduler, unused)`` where ``unused`` holds the ``kwargs`` that are not
+                constructor parameters, instead of rejecting them. Default False.
+            **kwargs: constructor parameters overriding the config.
+        """
+        params = cls._signature()
+        init, extras = split_config(config, params, cls.__name__)
+        unused = {k: v for k, v in kwargs.items() if k not in params}
+        if unused and not return_unused_kwargs:
+            raise TypeError(
+                f"{cls.__name__}.from_config got unknown parameters {sorted(unused)}; accepted: {sorted(params)}"
+            )
+        overrides = {k: v for k, v in kwargs.items() if k in params}
+        scheduler = cls(**init, **overrides)
+        if extras:
+            scheduler._apply_config({**scheduler._config, **extras})
+        return (scheduler, unused) if return_unused_kwargs else scheduler
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike[str],
+        subfolder: str | None = None,
+        return_unused_kwargs: bool = False,
+        **kwargs: Any,
+    ) -> Any:
+        """Load ``scheduler_config.json`` from a folder (e.g. a pipeline folder with ``subfolder="scheduler"``), a
+        JSON file, or a Hub repo id. Constructor parameters in ``kwargs`` override the file; the Hub options
+        ``cache_dir``, ``revision``, ``token``, ``local_files_only``, ``force_download``, ``proxies`` are passed on."""
+        hub_keys = ("cache_dir", "revision", "token", "local_files_only", "force_download", "proxies")
+        hub = {k: kwargs.pop(k) for k in hub_keys if k in kwargs}
+        config = load_config_file(pretrained_model_name_or_path, subfolder, **hub)
+        return cls.from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
+    def save_pretrained(self, save_directory: str | os.PathLike[str], **kwargs: Any) -> None:
+        """Write ``scheduler_config.json`` into ``save_directory`` (created if missing), in diffusers' format."""
+        if kwargs.get("push_to_hub"):
+            raise ValueError("push_to_hub is not supported; save locally and upload with huggingface_hub")
+        directory = Path(save_directory)
+        if directory.is_file():
+            raise ValueError(f"save_directory must be a folder, got the file {directory}")
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / CONFIG_NAME).write_text(self.to_json_string(), encoding="utf-8")
+
+    save_config = save_pretrained
+
+    def to_json_string(self) -> str:
+        """The config as diffusers writes it (sorted keys, ``_class_name``, ``_diffusers_version``)."""
+        return config_to_json(self._config, type(self).__name__)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__} {self.to_json_string()}"
+
+    @property
+    def compatibles(self) -> list[type]:
+        """Scheduler classes that can be built from this one's config."""
+        return [type(self)]
+
+    # ---------------------------------------------------------------- schedule
+
+    def _set_schedule(self, timesteps: np.ndarray, device: torch.device | str | None) -> None:
+        self._timesteps_host: tuple[int, ...] = tuple(int(t) for t in timesteps)
+        self._timesteps = torch.from_numpy(np.asarray(timesteps, dtype=np.int64)).to(device)
+        self._tables: dict[tuple[float, torch.dtype], StepTable] = {}
+
+    @property
+    def timesteps(self) -> torch.Tensor:
+        """The descending integer timesteps of the schedule (``int64``, on the device given to ``set_timesteps``)."""
+        return self._timesteps
+
+    @timesteps.setter
+    def timesteps(self, value: torch.Tensor | Sequence[int]) -> None:
+        arr = custom_schedule(torch.as_tensor(value).cpu().numpy(), self._config["num_train_timesteps"])
+        device = value.device if isinstance(value, torch.Tensor) else None
+        self._set_schedule(arr, device)
+        self.num_inference_steps = len(arr)
+
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        device: str | torch.device | None = None,
+        original_inference_steps: int | None = None,
+        timesteps: Sequence[int] | None = None,
+        strength: float = 1.0,
+    ) -> None:
+        """Set the timesteps of the sampling loop (call before the loop).
+
+        Args:
+            num_inference_steps: number of model calls N; exclusive with ``timesteps``.
+            device: where ``self.timesteps`` is put. Default: CPU.
+            original_inference_steps: size of the distillation grid; when passed explicitly the timesteps are taken
+                from the full grid ``0 … T−1`` instead (diffusers' behaviour: N = 4 gives ``[999, 749, 499, 249]``).
+                Default: the config's ``original_inference_steps`` on the skip grid.
+            timesteps: custom descending timesteps in ``[0, T−1]``; exclusive with ``num_inference_steps``.
+                Off-grid values only warn.
+            strength: the fraction of the grid used, for img2img/inpainting: the grid is cut to its lowest
+                ``⌊N_orig·strength⌋`` points (custom timesteps: the last ``⌊N·strength⌋`` are kept). In ``(0, 1]``,
+                default 1.0.
+        """
+        c = self._config
+        T = c["num_train_timesteps"]
+        if (num_inference_steps is None) == (timesteps is None):
+            raise ValueError(
+                "pass exactly one of num_inference_steps or timesteps, got "
+                f"num_inference_steps={num_inference_steps!r} and timesteps={timesteps!r}"
+            )
+        strength = _check_number("strength", strength, 0.0, 1.0, low_open=True)
+        full_grid = original_inference_steps is not None
+        if full_grid:
+            original_steps = _check_int("original_inference_steps", original_inference_steps, 1, T)
+        else:
+            original_steps = c["original_inference_steps"]
+
+        if timesteps is not None:
+            arr = custom_schedule(timesteps, T)
+            self._warn_custom(arr, distillation_grid(T, original_steps, strength, full_grid), original_steps, strength)
+            keep = min(int(len(arr) * strength), len(arr))
+            if keep < 1:
+                raise ValueError(
+                    f"strength={strength} keeps no timestep of the {len(arr)} custom timesteps; "
+                    f"strength must be at least {1 / len(arr):.4g}"
+                )
+            arr = arr[len(arr) - keep :]
+            self.custom_timesteps = True
+        else:
+            n = _check_int("num_inference_steps", num_inference_steps, 1, T)
+            if n > original_steps:
+                raise ValueError(
+                    f"num_inference_steps={n} cannot exceed original_inference_steps={original_steps}: the schedule "
+                    "is a subset of the distillation grid"
+                )
+            grid = distillation_grid(T, original_steps, strength, full_grid, c["steps_offset"])
+            if len(grid) < n:
+                raise ValueError(
+                    f"strength={strength} leaves {len(grid)} grid points, fewer than num_inference_steps={n}; "
+                    f"use strength ≥ {n / (T if full_grid else original_steps):.4g} or fewer steps"
+                )
+            arr = tcd_schedule(grid, n, c["timestep_spacing"])
+            self.custom_timesteps = False
+
+        dead = [int(t) for t in arr if self._path.alphas_cumprod[t] == 0]
+        if c["prediction_type"] == "epsilon" and dead:
+            raise ValueError(
+                "prediction_type='epsilon' cannot recover x0 where alphas_cumprod is 0 "
+                f"(timestep {dead[0]}, rescale_betas_zero_snr="
+                f"{c['rescale_betas_zero_snr']}); use a v_prediction/sample model or start below that timestep"
+            )
+        self._set_schedule(arr, device)
+        self.num_inference_steps = len(arr)
+        self._step_index = None
+        self._begin_index = None
+
+    @staticmethod
+    def _warn_custom(arr: np.ndarray, grid: np.ndarray, original_steps: int, strength: float) -> None:
+        T_top = int(grid.max()) if len(grid) else 0
+        if strength == 1.0 and arr[0] != T_top:
+            logger.warning("custom timesteps start at %d, not at the top of the grid (%d)", arr[0], T_top)
+        off = sorted(set(arr.tolist()) - set(grid.tolist()))
+        if off:
+            logger.warning("custom timesteps %s are not on the distillation grid; results may degrade", off)
+        if len(arr) > original_steps:
+            logger.warning("%d custom timesteps exceed original_inference_steps=%d", len(arr), original_steps)
+
+    @property
+    def step_index(self) -> int | None:
+        """Index of the next step in ``timesteps``; None until the first ``step``."""
+        return self._step_index
+
+    @property
+    def begin_index(self) -> int | None:
+        """Index of the first step, if a pipeline set it with :meth:`set_begin_index`."""
+        return self._begin_index
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """Start the next loop at ``timesteps[begin_index]`` (pipelines call this for img2img)."""
+        self._begin_index = _check_int("begin_index", begin_index, 0)
+
+    def index_for_timestep(self, timestep: int | float | torch.Tensor) -> int:
+        """Position of ``timestep`` in the schedule; ``ValueError`` if it is not there."""
+        if isinstance(timestep, torch.Tensor):
+            if timestep.numel() != 1:
+                raise ValueError(f"timestep must be a single value, got a tensor of shape {tuple(timestep.shape)}")
+            timestep = timestep.item()
+        value = float(timestep)
+        if value.is_integer() and int(value) in self._timesteps_host:
+            return self._timesteps_host.index(int(value))
+        raise ValueError(f"timestep {timestep} is not in the schedule {list(self._timesteps_host)}")
+
+    def scale_model_input(self, sample: torch.Tensor, timestep: int | torch.Tensor | None = None) -> torch.Tensor:
+        """Identity: TCD feeds the model the unscaled sample. Kept for interchangeability."""
+        return sample
+
+    def previous_timestep(self, timestep: int | torch.Tensor) -> torch.Tensor:
+        """The timestep after ``timestep`` in the schedule (−1 after the last), or ``timestep − 1`` before
+        ``set_timesteps``."""
+        if self.num_inference_steps is None:
+            return torch.as_tensor(timestep) - 1
+        i = self.index_for_timestep(timestep)
+        nxt = self._timesteps_host[i + 1] if i + 1 < len(self._timesteps_host) else -1
+        return torch.tensor(nxt)
+
+    def __len__(self) -> int:
+        return int(self._config["num_train_timesteps"])
+
+    # -------------------------------------------------------------------- step
+
+    def step_table(self, eta: float | None = DEFAULT_ETA, dtype: torch.dtype = torch.float32) -> StepTable:
+        """The per-step coefficients of the current schedule for ``eta ∈ [0, 1]`` (None: 0.3) in the working
+        precision of ``dtype``, built once per value and cached until the schedule changes."""
+        if self.num_inference_steps is None:
+            raise ValueError("set_timesteps must be called before step")
+        eta = DEFAULT_ETA if eta is None else _check_number("eta", eta, 0.0, 1.0)
+        work = working_dtype(dtype)
+        table = self._tables.get((eta, work))
+        if table is None:
+            table = build_vp_table(self.alphas_cumprod.to(work), self._timesteps_host, eta)
+            self._tables[(eta, work)] = table
+        return table
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: int | torch.Tensor,
+        sample: torch.Tensor,
+        eta: float | None = DEFAULT_ETA,
+        generator: GeneratorLike = None,
+        return_dict: bool = True,
+    ) -> TCDSchedulerOutput | tuple[torch.Tensor, torch.Tensor]:
+        """One TCD step: from ``sample = x_t`` and the model's output at ``timestep`` to ``x_t'``.
+
+        Args:
+            model_output: the model's output at ``(sample, timestep)``, interpreted by ``prediction_type``.
+            timestep: the current timestep; read on the first step of a loop to find its position (unless a
+                pipeline called ``set_begin_index``), after which steps follow the schedule.
+            sample: ``x_t``, a floating-point tensor with the shape of ``model_output``.
+            eta: ``γ ∈ [0, 1]``, the stochasticity (0: deterministic; 1: LCM's multistep sampling). ``None``
+                means the default 0.3. Default 0.3.
+            generator: a ``torch.Generator`` (or one per batch item) for the noise ``z``.
+            return_dict: return a :class:`TCDSchedulerOutput` (default) or the tuple
+                ``(prev_sample, pred_noised_sample)``.
+        """
+        _check_float_tensor("model_output", model_output)
+        _check_float_tensor("sample", sample)
+        if model_output.shape != sample.shape:
+            raise ValueError(
+                f"model_output and sample must have the same shape, got {tuple(model_output.shape)} and "
+                f"{tuple(sample.shape)}"
+            )
+        dtype = torch.promote_types(model_output.dtype, sample.dtype)
+        table = self.step_table(eta, dtype)
+        if self._step_index is None:
+            self._step_index = self._begin_index if self._begin_index is not None else self.index_for_timestep(timestep)
+        i = self._step_index
+        if i >= len(table):
+            raise ValueError(
+                f"step was called {i + 1} times but the schedule has {len(table)} steps; call set_timesteps again "
+                "before a new loop"
+            )
+        row = table.rows[i]
+        noise = None
+        if row.draws_noise:
+            noise = draw_noise(model_output.shape, generator, model_output.device, dtype)
+        prev, x_s, x0 = tcd_step(model_output, sample, row, self._config["prediction_type"], noise, self._x0_transform)
+        self._step_index = i + 1
+        if not return_dict:
+            return (prev, x_s)
+        return TCDSchedulerOutput(prev_sample=prev, pred_noised_sample=x_s, pred_original_sample=x0)
+
+    # ------------------------------------------------------------ forward path
+
+    def _path_coefficients(
+        self, timesteps: torch.Tensor | Sequence[int] | int, like: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(α_t, σ_t)`` for ``timesteps``, shaped to broadcast against ``like`` (batch first)."""
+        t = torch.as_tensor(timesteps)
+        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise TypeError(f"timesteps must be integers, got dtype {t.dtype}")
+        T = self._config["num_train_timesteps"]
+        if t.device.type == "cpu" and t.numel() and (int(t.min()) < 0 or int(t.max()) >= T):
+            raise ValueError(f"timesteps must lie in [0, {T - 1}], got {t.min().item()} … {t.max().item()}")
+        work = working_dtype(like.dtype)
+        key = (str(t.device), work)
+        tables = self._noise_tables.get(key)
+        if tables is None:
+            tables = tuple(x.to(t.device) for x in self._path.alpha_sigma(work))
+            self._noise_tables[key] = tables
+        shape = (-1,) + (1,) * (like.ndim - 1) if t.ndim else ()
+        a, s = (tab[t.long()].to(like.device).reshape(shape) for tab in tables)
+        return a, s
+
+    def add_noise(
+        self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor | Sequence[int] | int
+    ) -> torch.Tensor:
+        """The forward process ``x_t = α_t·x0 + σ_t·ε`` for per-sample integer ``timesteps`` (which may live on the
+        CPU while the samples are elsewhere)."""
+        _check_float_tensor("original_samples", original_samples)
+        a, s = self._path_coefficients(timesteps, original_samples)
+        return (a * original_samples + s * noise).to(original_samples.dtype)
+
+    def get_velocity(
+        self, sample: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor | Sequence[int] | int
+    ) -> torch.Tensor:
+        """The v-prediction target ``v = α_t·ε − σ_t·x0`` (``sample`` is the clean ``x0``)."""
+        _check_float_tensor("sample", sample)
+        a, s = self._path_coefficients(timesteps, sample)
+        return (a * noise - s * sample).to(sample.dtype)

@@ -1,0 +1,101 @@
+"""Shared pieces of the test suite: a deterministic stand-in model, loop runners, and a float64 reference."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def toy_model(x: torch.Tensor, t: Any) -> torch.Tensor:
+    """A deterministic, well-conditioned stand-in for a network: a smooth function of ``x`` plus a fixed pattern
+    seeded by ``t`` (so the output is not nearly ``x/σ``, which would make x̂0 a catastrophic cancellation)."""
+    t = int(t)
+    g = torch.Generator().manual_seed(1000 + t)
+    pattern = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    return (0.3 * torch.tanh(x.double()) * math.cos(t / 300) + pattern).to(x.dtype)
+
+
+def golden_model(x: torch.Tensor, t: Any) -> torch.Tensor:
+    """diffusers' own dummy model ``x·t/(t+1)``."""
+    return x * t / (t + 1)
+
+
+def golden_sample() -> torch.Tensor:
+    """diffusers' dummy sample: ``arange(768)/768`` reshaped to (3, 8, 8, 4), permuted to (4, 3, 8, 8)."""
+    return (torch.arange(768, dtype=torch.float32) / 768).reshape(3, 8, 8, 4).permute(3, 0, 1, 2)
+
+
+def make_generator(seed: int | Sequence[int] | None) -> torch.Generator | list[torch.Generator] | None:
+    if seed is None:
+        return None
+    if isinstance(seed, int):
+        return torch.Generator().manual_seed(seed)
+    return [torch.Generator().manual_seed(s) for s in seed]
+
+
+def run_loop(
+    scheduler: Any,
+    sample: torch.Tensor,
+    eta: float,
+    seed: int | Sequence[int] | None = 0,
+    model: Callable[[torch.Tensor, Any], torch.Tensor] = toy_model,
+    begin_index: int | None = None,
+    record: bool = False,
+) -> Any:
+    """Run a full sampling loop over ``scheduler.timesteps`` (from ``begin_index`` if given)."""
+    generator = make_generator(seed)
+    timesteps = scheduler.timesteps
+    if begin_index is not None:
+        scheduler.set_begin_index(begin_index)
+        timesteps = timesteps[begin_index:]
+    x = sample
+    steps = []
+    for t in timesteps:
+        out = scheduler.step(model(x, t), t, x, eta=eta, generator=generator)
+        steps.append(out)
+        x = out.prev_sample
+    return (x, steps) if record else x
+
+
+def reference_loop64(
+    alphas_cumprod: torch.Tensor,
+    timesteps: Sequence[int],
+    sample: torch.Tensor,
+    eta: float,
+    prediction_type: str = "epsilon",
+    noises: Sequence[torch.Tensor] | None = None,
+    model: Callable[[torch.Tensor, Any], torch.Tensor] = toy_model,
+) -> torch.Tensor:
+    """GUIDE §1 written out naively in float64 (model evaluated in the sample's dtype, as a real network would be).
+
+    ``noises[i]`` is the ``z`` of step ``i`` (None entries where no noise is drawn)."""
+    acp = alphas_cumprod.double()
+    x = sample.double()
+    ts = [int(t) for t in timesteps]
+    for i, t in enumerate(ts):
+        t_prev = ts[i + 1] if i + 1 < len(ts) else 0
+        s = int(np.floor(np.float32(1 - eta) * np.float32(t_prev)))
+        m = model(x.to(sample.dtype), t).double()
+        a_t, b_t = acp[t].sqrt(), (1 - acp[t]).sqrt()
+        if prediction_type == "epsilon":
+            x0, eps = (x - b_t * m) / a_t, m
+        elif prediction_type == "sample":
+            x0, eps = m, (x - a_t * m) / b_t
+        else:
+            x0, eps = a_t * x - b_t * m, a_t * m + b_t * x
+        x_s = acp[s].sqrt() * x0 + (1 - acp[s]).sqrt() * eps
+        if eta > 0 and i + 1 < len(ts):
+            r = acp[t_prev] / acp[s]
+            x = r.sqrt() * x_s + (1 - r).sqrt() * noises[i].double()
+        else:
+            x = x_s
+    return x
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``max|a − b| / max|b|``."""
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max())
