@@ -73,7 +73,6 @@ def build_parser() -> argparse.ArgumentParser:
     sched.add_argument("--prediction-type", choices=["epsilon", "sample", "v_prediction"])
     sched.add_argument(
         "--spacing",
-        default="leading",
         choices=["leading", "trailing", "linspace"],
         help="timestep_spacing (default: the config's, leading)",
     )

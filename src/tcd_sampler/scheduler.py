@@ -285,7 +285,7 @@ class TCDScheduler:
                 f"{cls.__name__}.from_config got unknown parameters {sorted(unused)}; accepted: {sorted(params)}"
             )
         overrides = {k: v for k, v in kwargs.items() if k in params}
-        scheduler = cls(**init, **overrides)
+        scheduler = cls(**{**init, **overrides})
         if extras:
             scheduler._apply_config({**scheduler._config, **extras})
         return (scheduler, unused) if return_unused_kwargs else scheduler
@@ -387,13 +387,13 @@ class TCDScheduler:
 
         if timesteps is not None:
             arr = custom_schedule(timesteps, T)
-            self._warn_custom(arr, distillation_grid(T, original_steps, strength, full_grid), original_steps, strength)
             keep = min(int(len(arr) * strength), len(arr))
             if keep < 1:
                 raise ValueError(
                     f"strength={strength} keeps no timestep of the {len(arr)} custom timesteps; "
                     f"strength must be at least {1 / len(arr):.4g}"
                 )
+            self._warn_custom(arr, distillation_grid(T, original_steps, 1.0, full_grid), original_steps, strength)
             arr = arr[len(arr) - keep :]
             self.custom_timesteps = True
         else:
@@ -426,10 +426,10 @@ class TCDScheduler:
 
     @staticmethod
     def _warn_custom(arr: np.ndarray, grid: np.ndarray, original_steps: int, strength: float) -> None:
-        T_top = int(grid.max()) if len(grid) else 0
-        if strength == 1.0 and arr[0] != T_top:
-            logger.warning("custom timesteps start at %d, not at the top of the grid (%d)", arr[0], T_top)
-        off = sorted(set(arr.tolist()) - set(grid.tolist()))
+        """Warn (as diffusers does) about custom timesteps that the model was not distilled on."""
+        if strength == 1.0 and arr[0] != grid[-1]:
+            logger.warning("custom timesteps start at %d, not at the top of the grid (%d)", arr[0], grid[-1])
+        off = [int(t) for t in arr if t not in set(grid.tolist())]
         if off:
             logger.warning("custom timesteps %s are not on the distillation grid; results may degrade", off)
         if len(arr) > original_steps:
