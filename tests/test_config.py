@@ -160,7 +160,7 @@ def test_from_sdxl_euler_config_and_back(tmp_path: Path) -> None:
     assert public(loaded.config) == public(ours.config)
     loaded.save_pretrained(tmp_path / "as_tcd")
     back = diffusers.EulerDiscreteScheduler.from_pretrained(tmp_path / "as_tcd")
-    assert public(back.config) == public(euler.config)
+    assert {k: v for k, v in public(back.config).items() if k in original} == original
 
 
 def test_use_default_values_honoured_from_other_schedulers() -> None:
