@@ -260,9 +260,11 @@ def configurations(draw: st.DrawFn) -> tuple[dict[str, Any], dict[str, Any], flo
         if len(ts) * strength < 1:
             strength = 1.0
     else:
-        limit = int(config["original_inference_steps"] * strength) if kind == "steps" else config[
-            "original_inference_steps"
-        ]
+        limit = (
+            int(config["original_inference_steps"] * strength)
+            if kind == "steps"
+            else config["original_inference_steps"]
+        )
         schedule = {"num_inference_steps": draw(st.integers(1, max(1, min(limit, 30))))}
         if kind == "full":
             schedule["original_inference_steps"] = config["original_inference_steps"]

@@ -406,8 +406,9 @@ class TCDScheduler:
             grid = distillation_grid(T, original_steps, strength, full_grid, c["steps_offset"])
             if len(grid) < n:
                 raise ValueError(
-                    f"strength={strength} leaves {len(grid)} grid points, fewer than num_inference_steps={n}; "
-                    f"use strength ≥ {n / (T if full_grid else original_steps):.4g} or fewer steps"
+                    f"num_inference_steps={n} exceeds the {len(grid)} points of the grid (original_inference_steps="
+                    f"{original_steps}, strength={strength}, steps_offset={c['steps_offset']}); use fewer steps or a "
+                    "larger strength"
                 )
             arr = tcd_schedule(grid, n, c["timestep_spacing"])
             self.custom_timesteps = False

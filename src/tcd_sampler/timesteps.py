@@ -44,14 +44,15 @@ def tcd_schedule(grid: np.ndarray, num_inference_steps: int, spacing: str = "lea
     """Pick ``num_inference_steps`` descending timesteps from an ascending ``grid``.
 
     ``leading`` and ``trailing`` take the points at indices ``⌊i·len/n⌋`` of the reversed grid (TCD's selection,
-    which starts at the grid's top); ``linspace`` spreads them evenly over the whole grid with both ends included.
+    which starts at the grid's top); ``linspace`` spreads them evenly over the whole grid with both ends included
+    (one step: the top).
     """
-    descending = grid[::-1]
     if spacing == "linspace":
-        idx = np.round(np.linspace(0, len(descending) - 1, num_inference_steps)).astype(np.int64)
-    else:
-        idx = np.floor(np.linspace(0, len(descending), num=num_inference_steps, endpoint=False)).astype(np.int64)
-    return descending[idx].copy()
+        # from the top down, so that a single step starts at the top of the grid
+        idx = np.round(np.linspace(len(grid) - 1, 0, num_inference_steps)).astype(np.int64)
+        return grid[idx].copy()
+    idx = np.floor(np.linspace(0, len(grid), num=num_inference_steps, endpoint=False)).astype(np.int64)
+    return grid[::-1][idx].copy()
 
 
 def custom_schedule(timesteps: Sequence[int] | np.ndarray, num_train_timesteps: int) -> np.ndarray:
