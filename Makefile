@@ -27,8 +27,8 @@ demo: $(VENV)/.core
 	$(VENV)/bin/tcd-sampler schedule --steps 1 2 4 8 --gamma 0.3
 
 lint: $(VENV)/.dev
-	$(PY) -m ruff check src tests
-	$(PY) -m ruff format --check src tests
+	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m ruff format --check src tests benchmarks
 
 test: lint
 	$(PY) -m pytest -q

@@ -71,7 +71,7 @@ def reference_loop64(
     noises: Sequence[torch.Tensor] | None = None,
     model: Callable[[torch.Tensor, Any], torch.Tensor] = toy_model,
 ) -> torch.Tensor:
-    """GUIDE §1 written out naively in float64 (model evaluated in the sample's dtype, as a real network would be).
+    """GUIDE §1 written out naively in float64, the model evaluated in float64 too.
 
     ``noises[i]`` is the ``z`` of step ``i`` (None entries where no noise is drawn)."""
     acp = alphas_cumprod.double()
@@ -80,7 +80,7 @@ def reference_loop64(
     for i, t in enumerate(ts):
         t_prev = ts[i + 1] if i + 1 < len(ts) else 0
         s = int(np.floor(np.float32(1 - eta) * np.float32(t_prev)))
-        m = model(x.to(sample.dtype), t).double()
+        m = model(x, t).double()
         a_t, b_t = acp[t].sqrt(), (1 - acp[t]).sqrt()
         if prediction_type == "epsilon":
             x0, eps = (x - b_t * m) / a_t, m
@@ -100,3 +100,17 @@ def reference_loop64(
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """``max|a − b| / max|b|``."""
     return float((a.double() - b.double()).abs().max() / b.double().abs().max())
+
+
+def half_precision_errors(
+    scheduler_cls: Any, dtype: torch.dtype, steps: int, eta: float, prediction_type: str, seed: int = 0
+) -> float:
+    """``max|x − x64| / max|x64|`` of a full loop run in ``dtype`` against the float64 reference, same noise."""
+    sched = scheduler_cls(prediction_type=prediction_type)
+    sched.set_timesteps(steps)
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(100 + seed))
+    out = run_loop(sched, x.to(dtype), eta, seed)
+    g = torch.Generator().manual_seed(seed)
+    noises = [torch.randn(x.shape, generator=g, dtype=dtype) for _ in range(steps - 1)] if eta > 0 else None
+    ref = reference_loop64(sched.alphas_cumprod, sched.timesteps.tolist(), x.double(), eta, prediction_type, noises)
+    return rel_err(out, ref)

@@ -203,7 +203,7 @@ def test_unknown_override_rejected_unless_returned() -> None:
 
 
 def test_missing_config_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="scheduler_config.json"):
+    with pytest.raises(FileNotFoundError, match=r"scheduler_config\.json"):
         TCDScheduler.from_pretrained(tmp_path)
 
 

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 import torch
-from helpers import toy_model
 
+from helpers import toy_model
 from tcd_sampler import TCDScheduler
 
 
@@ -96,7 +96,7 @@ def test_strength_out_of_range(strength: float) -> None:
 
 
 def test_strength_keeping_no_custom_timestep() -> None:
-    with pytest.raises(ValueError, match="strength=0.1 keeps no timestep"):
+    with pytest.raises(ValueError, match=r"strength=0\.1 keeps no timestep"):
         TCDScheduler().set_timesteps(timesteps=[999, 500], strength=0.1)
 
 
@@ -146,7 +146,7 @@ def test_integer_tensors(which: str) -> None:
 
 
 def test_non_tensor_sample() -> None:
-    with pytest.raises(TypeError, match="sample must be a torch.Tensor"):
+    with pytest.raises(TypeError, match=r"sample must be a torch\.Tensor"):
         ready().step(X, 999, X.numpy())  # type: ignore[arg-type]
 
 
@@ -183,7 +183,7 @@ def test_bad_type_in_constructor() -> None:
 
 def test_epsilon_with_zero_terminal_snr() -> None:
     sched = TCDScheduler(rescale_betas_zero_snr=True)
-    with pytest.raises(ValueError, match="prediction_type='epsilon' cannot recover x0 .*timestep 999"):
+    with pytest.raises(ValueError, match=r"prediction_type='epsilon' cannot recover x0 .*timestep 999"):
         sched.set_timesteps(4)
     sched.set_timesteps(timesteps=[998, 500])  # fine below the zero-SNR point
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import golden_model, golden_sample, run_loop
 
+from helpers import golden_model, golden_sample, run_loop
 from tcd_sampler import TCDScheduler
 
 

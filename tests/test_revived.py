@@ -3,13 +3,15 @@ parity."""
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
-from helpers import run_loop, toy_model
-from test_parity import assert_parity
 
+from helpers import run_loop, toy_model
 from tcd_sampler import TCDScheduler
+from test_parity import assert_parity
 
 DEFAULTS = {
     "clip_sample": False,
@@ -125,7 +127,7 @@ def test_steps_offset_merges_points_pushed_past_the_top() -> None:
     sched.set_timesteps(49)
     ts = sched.timesteps.tolist()
     assert ts[0] == 999 and ts[1] == 989 and ts[-1] == 49
-    assert all(a > b for a, b in zip(ts, ts[1:], strict=False))
+    assert all(a > b for a, b in itertools.pairwise(ts))
     with pytest.raises(ValueError, match="steps_offset=30"):
         sched.set_timesteps(50)
 
