@@ -29,6 +29,7 @@ demo: $(VENV)/.core
 lint: $(VENV)/.dev
 	$(PY) -m ruff check src tests benchmarks
 	$(PY) -m ruff format --check src tests benchmarks
+	$(PY) -m mypy src
 
 test: lint
 	$(PY) -m pytest -q

@@ -208,3 +208,14 @@ def test_begin_index_past_the_end() -> None:
     sched.set_begin_index(4)
     with pytest.raises(ValueError, match="schedule has 4 steps"):
         sched.step(X, 999, X)
+
+
+def test_bool_parameters_must_be_bools() -> None:
+    with pytest.raises(TypeError, match="clip_sample must be a bool"):
+        TCDScheduler(clip_sample="yes")  # type: ignore[arg-type]
+
+
+def test_partial_internal_dict_takes_defaults() -> None:
+    sched = TCDScheduler(prediction_type="v_prediction")
+    sched._internal_dict = {"steps_offset": 1}
+    assert sched.config.prediction_type == "epsilon" and sched.config.steps_offset == 1

@@ -43,10 +43,10 @@ class FrozenConfig(dict):
             "`Scheduler.from_config(scheduler.config, key=value)` or call `register_to_config(key=value)`"
         )
 
-    __setitem__ = __delitem__ = __setattr__ = __delattr__ = _readonly  # type: ignore[assignment]
+    __setitem__ = __delitem__ = __setattr__ = __delattr__ = _readonly
     update = pop = popitem = clear = setdefault = _readonly  # type: ignore[assignment]
 
-    def __ior__(self, other: Any) -> FrozenConfig:  # type: ignore[override,misc]
+    def __ior__(self, other: Any) -> FrozenConfig:  # type: ignore[misc]
         self._readonly()
         return self
 

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from functools import partial
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 import numpy as np
 import torch
@@ -204,8 +204,12 @@ class TCDScheduler:
         return params
 
     def _apply_config(self, config: Mapping[str, Any]) -> None:
-        """Validate a full config, build the path, and reset the schedule."""
-        c = FrozenConfig(config)
+        """Validate a config (missing parameters take their defaults), build the path, and reset the schedule."""
+        defaults = {k: p.default for k, p in self._signature().items()}
+        c = FrozenConfig({**defaults, **config})
+        for name in ("clip_sample", "set_alpha_to_one", "thresholding", "rescale_betas_zero_snr"):
+            if not isinstance(c[name], (bool, np.bool_)):
+                raise TypeError(f"{name} must be a bool, got {type(c[name]).__name__} {c[name]!r}")
         T = _check_int("num_train_timesteps", c["num_train_timesteps"], 1)
         _check_choice("prediction_type", c["prediction_type"], PREDICTION_TYPES)
         _check_choice("timestep_spacing", c["timestep_spacing"], TIMESTEP_SPACINGS)
@@ -267,7 +271,9 @@ class TCDScheduler:
         self._apply_config({**self._config, **kwargs})
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any], return_unused_kwargs: bool = False, **kwargs: Any) -> Any:
+    def from_config(
+        cls, config: Mapping[str, Any], return_unused_kwargs: bool = False, **kwargs: Any
+    ) -> Self | tuple[Self, dict[str, Any]]:
         """Build a scheduler from a config mapping, e.g. ``pipe.scheduler.config`` of any diffusers scheduler.
 
         Args:
@@ -297,7 +303,7 @@ class TCDScheduler:
         subfolder: str | None = None,
         return_unused_kwargs: bool = False,
         **kwargs: Any,
-    ) -> Any:
+    ) -> Self | tuple[Self, dict[str, Any]]:
         """Load ``scheduler_config.json`` from a folder (e.g. a pipeline folder with ``subfolder="scheduler"``), a
         JSON file, or a Hub repo id. Constructor parameters in ``kwargs`` override the file; the Hub options
         ``cache_dir``, ``revision``, ``token``, ``local_files_only``, ``force_download``, ``proxies`` are passed on."""
@@ -555,13 +561,12 @@ class TCDScheduler:
             raise ValueError(f"timesteps must lie in [0, {T - 1}], got {t.min().item()} … {t.max().item()}")
         work = working_dtype(like.dtype)
         key = (str(t.device), work)
-        tables = self._noise_tables.get(key)
-        if tables is None:
-            tables = tuple(x.to(t.device) for x in self._path.alpha_sigma(work))
-            self._noise_tables[key] = tables
+        if key not in self._noise_tables:
+            alpha, sigma = self._path.alpha_sigma(work)
+            self._noise_tables[key] = (alpha.to(t.device), sigma.to(t.device))
         shape = (-1,) + (1,) * (like.ndim - 1) if t.ndim else ()
-        a, s = (tab[t.long()].to(like.device).reshape(shape) for tab in tables)
-        return a, s
+        alpha, sigma = (tab[t.long()].to(like.device).reshape(shape) for tab in self._noise_tables[key])
+        return alpha, sigma
 
     def add_noise(
         self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor | Sequence[int] | int
