@@ -6,20 +6,25 @@ It holds the configuration, the schedule and the step counter, validates input a
 
 from __future__ import annotations
 
-import functools
-import inspect
 import logging
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from functools import partial
-from pathlib import Path
-from typing import Any, ClassVar, Self
+from typing import Any
 
 import numpy as np
 import torch
 
-from .config import CONFIG_NAME, FrozenConfig, config_to_json, load_config_file, split_config
+from ._frontend import (
+    SchedulerFrontend,
+    check_bool,
+    check_choice,
+    check_float_tensor,
+    check_int,
+    check_number,
+    record_explicit_keys,
+)
+from .config import FrozenConfig
 from .paths import BETA_SCHEDULES, VPDiscretePath, make_betas, rescale_zero_terminal_snr
 from .step import (
     PREDICTION_TYPES,
@@ -79,54 +84,7 @@ class TCDSchedulerOutput:
         return [f.name for f in fields(self)]
 
 
-def _check_number(name: str, value: Any, low: float, high: float, *, low_open: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    v = float(value)
-    ok = (low < v if low_open else low <= v) and v <= high
-    if not ok:
-        bracket = "(" if low_open else "["
-        raise ValueError(f"{name} must be in {bracket}{low}, {high}], got {value}")
-    return v
-
-
-def _check_int(name: str, value: Any, low: int, high: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
-    if value < low or (high is not None and value > high):
-        upper = "∞" if high is None else str(high)
-        raise ValueError(f"{name} must be an integer in [{low}, {upper}], got {value}")
-    return int(value)
-
-
-def _check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
-    return str(value)
-
-
-def _check_float_tensor(name: str, value: Any) -> torch.Tensor:
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-    if not torch.is_floating_point(value):
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
-    return value
-
-
-def _record_explicit_keys(init: Any) -> Any:
-    """Let ``__init__`` know which parameters the caller passed, for the config's ``_use_default_values``."""
-
-    names = [n for n in inspect.signature(init).parameters if n != "self"]
-
-    @functools.wraps(init)
-    def wrapper(self: Any, *args: Any, **kwargs: Any) -> None:
-        self._explicit_keys = set(names[: len(args)]) | set(kwargs)
-        init(self, *args, **kwargs)
-
-    return wrapper
-
-
-class TCDScheduler:
+class TCDScheduler(SchedulerFrontend):
     """Strategic Stochastic Sampling of *Trajectory Consistency Distillation* (Zheng et al. 2024, Algorithm 4).
 
     A drop-in replacement for diffusers' ``TCDScheduler``: same constructor, config files, ``set_timesteps`` and
@@ -166,11 +124,7 @@ class TCDScheduler:
             Default False.
     """
 
-    order: ClassVar[int] = 1
-    config_name: ClassVar[str] = CONFIG_NAME
-    init_noise_sigma: float = 1.0
-
-    @_record_explicit_keys
+    @record_explicit_keys
     def __init__(
         self,
         num_train_timesteps: int = 1000,
@@ -191,38 +145,28 @@ class TCDScheduler:
         timestep_scaling: float = 10.0,
         rescale_betas_zero_snr: bool = False,
     ) -> None:
-        config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
-        explicit = getattr(self, "_explicit_keys", set(config))
-        self._apply_config({**config, "_use_default_values": [k for k in config if k not in explicit]})
+        self._init_config({k: v for k, v in locals().items() if k not in ("self", "__class__")})
 
     # ------------------------------------------------------------------ config
 
-    @classmethod
-    def _signature(cls) -> dict[str, inspect.Parameter]:
-        params = dict(inspect.signature(cls.__init__).parameters)
-        params.pop("self")
-        return params
-
     def _apply_config(self, config: Mapping[str, Any]) -> None:
         """Validate a config (missing parameters take their defaults), build the path, and reset the schedule."""
-        defaults = {k: p.default for k, p in self._signature().items()}
-        c = FrozenConfig({**defaults, **config})
+        c = FrozenConfig({**self._defaults(), **config})
         for name in ("clip_sample", "set_alpha_to_one", "thresholding", "rescale_betas_zero_snr"):
-            if not isinstance(c[name], (bool, np.bool_)):
-                raise TypeError(f"{name} must be a bool, got {type(c[name]).__name__} {c[name]!r}")
-        T = _check_int("num_train_timesteps", c["num_train_timesteps"], 1)
-        _check_choice("prediction_type", c["prediction_type"], PREDICTION_TYPES)
-        _check_choice("timestep_spacing", c["timestep_spacing"], TIMESTEP_SPACINGS)
-        _check_int("original_inference_steps", c["original_inference_steps"], 1, T)
-        _check_int("steps_offset", c["steps_offset"], 0, T - 1)
-        _check_number("clip_sample_range", c["clip_sample_range"], 0.0, float("inf"), low_open=True)
-        _check_number("dynamic_thresholding_ratio", c["dynamic_thresholding_ratio"], 0.0, 1.0)
-        _check_number("sample_max_value", c["sample_max_value"], 1.0, float("inf"))
-        _check_number("timestep_scaling", c["timestep_scaling"], 0.0, float("inf"), low_open=True)
+            check_bool(name, c[name])
+        T = check_int("num_train_timesteps", c["num_train_timesteps"], 1)
+        check_choice("prediction_type", c["prediction_type"], PREDICTION_TYPES)
+        check_choice("timestep_spacing", c["timestep_spacing"], TIMESTEP_SPACINGS)
+        check_int("original_inference_steps", c["original_inference_steps"], 1, T)
+        check_int("steps_offset", c["steps_offset"], 0, T - 1)
+        check_number("clip_sample_range", c["clip_sample_range"], 0.0, float("inf"), low_open=True)
+        check_number("dynamic_thresholding_ratio", c["dynamic_thresholding_ratio"], 0.0, 1.0)
+        check_number("sample_max_value", c["sample_max_value"], 1.0, float("inf"))
+        check_number("timestep_scaling", c["timestep_scaling"], 0.0, float("inf"), low_open=True)
         if c["trained_betas"] is None:
-            _check_choice("beta_schedule", c["beta_schedule"], BETA_SCHEDULES)
-            _check_number("beta_start", c["beta_start"], 0.0, 1.0)
-            _check_number("beta_end", c["beta_end"], 0.0, 1.0)
+            check_choice("beta_schedule", c["beta_schedule"], BETA_SCHEDULES)
+            check_number("beta_start", c["beta_start"], 0.0, 1.0)
+            check_number("beta_end", c["beta_end"], 0.0, 1.0)
         betas = make_betas(T, c["beta_start"], c["beta_end"], c["beta_schedule"], c["trained_betas"])
         if betas.ndim != 1 or betas.shape[0] != T:
             raise ValueError(f"trained_betas must have length num_train_timesteps={T}, got shape {tuple(betas.shape)}")
@@ -251,90 +195,6 @@ class TCDScheduler:
         if c["clip_sample"]:
             return partial(clip_x0, clip_range=c["clip_sample_range"])
         return None
-
-    @property
-    def config(self) -> FrozenConfig:
-        """The read-only configuration (key and attribute access)."""
-        return self._config
-
-    @property
-    def _internal_dict(self) -> FrozenConfig:
-        # diffusers' name for the config; pipelines replace it to patch legacy configs.
-        return self._config
-
-    @_internal_dict.setter
-    def _internal_dict(self, value: Mapping[str, Any]) -> None:
-        self._apply_config(value)
-
-    def register_to_config(self, **kwargs: Any) -> None:
-        """Update config keys (diffusers' API); the schedule is rebuilt and must be set again."""
-        self._apply_config({**self._config, **kwargs})
-
-    @classmethod
-    def from_config(
-        cls, config: Mapping[str, Any], return_unused_kwargs: bool = False, **kwargs: Any
-    ) -> Self | tuple[Self, dict[str, Any]]:
-        """Build a scheduler from a config mapping, e.g. ``pipe.scheduler.config`` of any diffusers scheduler.
-
-        Args:
-            config: a scheduler config (diffusers' or ours). Keys listed in its ``_use_default_values`` take our
-                defaults; keys we do not know are kept in our config, so converting back loses nothing.
-            return_unused_kwargs: return ``(scheduler, unused)`` where ``unused`` holds the ``kwargs`` that are not
-                constructor parameters, instead of rejecting them. Default False.
-            **kwargs: constructor parameters overriding the config.
-        """
-        params = cls._signature()
-        init, extras = split_config(config, params, cls.__name__)
-        unused = {k: v for k, v in kwargs.items() if k not in params}
-        if unused and not return_unused_kwargs:
-            raise TypeError(
-                f"{cls.__name__}.from_config got unknown parameters {sorted(unused)}; accepted: {sorted(params)}"
-            )
-        overrides = {k: v for k, v in kwargs.items() if k in params}
-        scheduler = cls(**{**init, **overrides})
-        if extras:
-            scheduler._apply_config({**scheduler._config, **extras})
-        return (scheduler, unused) if return_unused_kwargs else scheduler
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        pretrained_model_name_or_path: str | os.PathLike[str],
-        subfolder: str | None = None,
-        return_unused_kwargs: bool = False,
-        **kwargs: Any,
-    ) -> Self | tuple[Self, dict[str, Any]]:
-        """Load ``scheduler_config.json`` from a folder (e.g. a pipeline folder with ``subfolder="scheduler"``), a
-        JSON file, or a Hub repo id. Constructor parameters in ``kwargs`` override the file; the Hub options
-        ``cache_dir``, ``revision``, ``token``, ``local_files_only``, ``force_download``, ``proxies`` are passed on."""
-        hub_keys = ("cache_dir", "revision", "token", "local_files_only", "force_download", "proxies")
-        hub = {k: kwargs.pop(k) for k in hub_keys if k in kwargs}
-        config = load_config_file(pretrained_model_name_or_path, subfolder, **hub)
-        return cls.from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
-
-    def save_pretrained(self, save_directory: str | os.PathLike[str], **kwargs: Any) -> None:
-        """Write ``scheduler_config.json`` into ``save_directory`` (created if missing), in diffusers' format."""
-        if kwargs.get("push_to_hub"):
-            raise ValueError("push_to_hub is not supported; save locally and upload with huggingface_hub")
-        directory = Path(save_directory)
-        if directory.is_file():
-            raise ValueError(f"save_directory must be a folder, got the file {directory}")
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / CONFIG_NAME).write_text(self.to_json_string(), encoding="utf-8")
-
-    save_config = save_pretrained
-
-    def to_json_string(self) -> str:
-        """The config as diffusers writes it (sorted keys, ``_class_name``, ``_diffusers_version``)."""
-        return config_to_json(self._config, type(self).__name__)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__} {self.to_json_string()}"
-
-    @property
-    def compatibles(self) -> list[type]:
-        """Scheduler classes that can be built from this one's config."""
-        return [type(self)]
 
     # ---------------------------------------------------------------- schedule
 
@@ -384,10 +244,10 @@ class TCDScheduler:
                 "pass exactly one of num_inference_steps or timesteps, got "
                 f"num_inference_steps={num_inference_steps!r} and timesteps={timesteps!r}"
             )
-        strength = _check_number("strength", strength, 0.0, 1.0, low_open=True)
+        strength = check_number("strength", strength, 0.0, 1.0, low_open=True)
         full_grid = original_inference_steps is not None
         if full_grid:
-            original_steps = _check_int("original_inference_steps", original_inference_steps, 1, T)
+            original_steps = check_int("original_inference_steps", original_inference_steps, 1, T)
         else:
             original_steps = c["original_inference_steps"]
 
@@ -403,7 +263,7 @@ class TCDScheduler:
             arr = arr[len(arr) - keep :]
             self.custom_timesteps = True
         else:
-            n = _check_int("num_inference_steps", num_inference_steps, 1, T)
+            n = check_int("num_inference_steps", num_inference_steps, 1, T)
             if n > original_steps:
                 raise ValueError(
                     f"num_inference_steps={n} cannot exceed original_inference_steps={original_steps}: the schedule "
@@ -442,35 +302,6 @@ class TCDScheduler:
         if len(arr) > original_steps:
             logger.warning("%d custom timesteps exceed original_inference_steps=%d", len(arr), original_steps)
 
-    @property
-    def step_index(self) -> int | None:
-        """Index of the next step in ``timesteps``; None until the first ``step``."""
-        return self._step_index
-
-    @property
-    def begin_index(self) -> int | None:
-        """Index of the first step, if a pipeline set it with :meth:`set_begin_index`."""
-        return self._begin_index
-
-    def set_begin_index(self, begin_index: int = 0) -> None:
-        """Start the next loop at ``timesteps[begin_index]`` (pipelines call this for img2img)."""
-        self._begin_index = _check_int("begin_index", begin_index, 0)
-
-    def index_for_timestep(self, timestep: int | float | torch.Tensor) -> int:
-        """Position of ``timestep`` in the schedule; ``ValueError`` if it is not there."""
-        if isinstance(timestep, torch.Tensor):
-            if timestep.numel() != 1:
-                raise ValueError(f"timestep must be a single value, got a tensor of shape {tuple(timestep.shape)}")
-            timestep = timestep.item()
-        value = float(timestep)
-        if value.is_integer() and int(value) in self._timesteps_host:
-            return self._timesteps_host.index(int(value))
-        raise ValueError(f"timestep {timestep} is not in the schedule {list(self._timesteps_host)}")
-
-    def scale_model_input(self, sample: torch.Tensor, timestep: int | torch.Tensor | None = None) -> torch.Tensor:
-        """Identity: TCD feeds the model the unscaled sample. Kept for interchangeability."""
-        return sample
-
     def previous_timestep(self, timestep: int | torch.Tensor) -> torch.Tensor:
         """The timestep after ``timestep`` in the schedule (−1 after the last), or ``timestep − 1`` before
         ``set_timesteps``."""
@@ -480,9 +311,6 @@ class TCDScheduler:
         nxt = self._timesteps_host[i + 1] if i + 1 < len(self._timesteps_host) else -1
         return torch.tensor(nxt)
 
-    def __len__(self) -> int:
-        return int(self._config["num_train_timesteps"])
-
     # -------------------------------------------------------------------- step
 
     def step_table(self, eta: float | None = DEFAULT_ETA, dtype: torch.dtype = torch.float32) -> StepTable:
@@ -490,7 +318,7 @@ class TCDScheduler:
         precision of ``dtype``, built once per value and cached until the schedule changes."""
         if self.num_inference_steps is None:
             raise ValueError("set_timesteps must be called before step")
-        eta = DEFAULT_ETA if eta is None else _check_number("eta", eta, 0.0, 1.0)
+        eta = DEFAULT_ETA if eta is None else check_number("eta", eta, 0.0, 1.0)
         work = working_dtype(dtype)
         table = self._tables.get((eta, work))
         if table is None:
@@ -520,8 +348,8 @@ class TCDScheduler:
             return_dict: return a :class:`TCDSchedulerOutput` (default) or the tuple
                 ``(prev_sample, pred_noised_sample)``.
         """
-        _check_float_tensor("model_output", model_output)
-        _check_float_tensor("sample", sample)
+        check_float_tensor("model_output", model_output)
+        check_float_tensor("sample", sample)
         if model_output.shape != sample.shape:
             raise ValueError(
                 f"model_output and sample must have the same shape, got {tuple(model_output.shape)} and "
@@ -573,7 +401,7 @@ class TCDScheduler:
     ) -> torch.Tensor:
         """The forward process ``x_t = α_t·x0 + σ_t·ε`` for per-sample integer ``timesteps`` (which may live on the
         CPU while the samples are elsewhere)."""
-        _check_float_tensor("original_samples", original_samples)
+        check_float_tensor("original_samples", original_samples)
         a, s = self._path_coefficients(timesteps, original_samples)
         return (a * original_samples + s * noise).to(original_samples.dtype)
 
@@ -581,6 +409,6 @@ class TCDScheduler:
         self, sample: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor | Sequence[int] | int
     ) -> torch.Tensor:
         """The v-prediction target ``v = α_t·ε − σ_t·x0`` (``sample`` is the clean ``x0``)."""
-        _check_float_tensor("sample", sample)
+        check_float_tensor("sample", sample)
         a, s = self._path_coefficients(timesteps, sample)
         return (a * noise - s * sample).to(sample.dtype)
