@@ -19,14 +19,18 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
 __all__ = [
+    "FLOW",
     "PREDICTION_TYPES",
+    "SIGMA_DATA",
     "StepRow",
     "StepTable",
+    "build_table",
     "build_vp_table",
     "clip_x0",
     "convert_output",
@@ -37,8 +41,14 @@ __all__ = [
     "working_dtype",
 ]
 
-#: Accepted values of ``prediction_type``.
+#: Accepted values of ``prediction_type`` on VP paths.
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+
+#: The prediction type of flow-matching models: the velocity ``u = ε − x0`` on ``x_t = (1 − t)·x0 + t·ε``.
+FLOW = "flow"
+
+#: ``σ_d`` of the consistency boundary condition (LCM).
+SIGMA_DATA = 0.5
 
 #: Generator argument accepted by :func:`draw_noise`: one generator, one per batch item, or none.
 GeneratorLike = torch.Generator | Sequence[torch.Generator] | None
@@ -54,20 +64,22 @@ class StepRow:
     """The coefficients of one step (see the module docstring for the formulas).
 
     Attributes:
-        t: current timestep.
-        t_prev: next scheduled timestep ``t'`` (0 after the last step).
+        t: current time (an integer timestep on discrete grids, σ or the model's time in sigma space).
+        t_prev: next scheduled time ``t'`` (0 after the last step).
         s: the denoising target ``s``.
         alpha_t, sigma_t: ``α_t, σ_t``.
         alpha_s, sigma_s: ``α_s, σ_s``.
         renoise: ``α_t'/α_s``, the scale of ``x_s`` in the diffusion sub-step.
         noise: ``√(σ_t'² − renoise²·σ_s²)``, the scale of ``z``.
-        draws_noise: whether this step draws ``z`` (``γ > 0`` and not the last step), as the reference does; when
-            False, ``x_t' = x_s``.
+        draws_noise: whether this step draws ``z`` (``γ > 0`` and not the last step, as the reference does);
+            when False, ``x_t' = x_s``.
+        boundary: apply the consistency boundary condition ``x̂0 ← c_out·x̂0 + c_skip·x_t`` (LCM).
+        c_skip, c_out: its scalings at ``t``.
     """
 
-    t: int
-    t_prev: int
-    s: int
+    t: float
+    t_prev: float
+    s: float
     alpha_t: float
     sigma_t: float
     alpha_s: float
@@ -75,6 +87,9 @@ class StepRow:
     renoise: float
     noise: float
     draws_noise: bool
+    boundary: bool = False
+    c_skip: float = 0.0
+    c_out: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -102,6 +117,7 @@ def build_vp_table(
     alphas_cumprod: torch.Tensor,
     timesteps: Sequence[int] | np.ndarray,
     gamma: float,
+    boundary: tuple[torch.Tensor, float] | None = None,
 ) -> StepTable:
     """Coefficients of a TCD loop over ``timesteps`` on a discrete VP path.
 
@@ -109,12 +125,24 @@ def build_vp_table(
         alphas_cumprod: ``ᾱ`` on the grid, shape ``(T,)``, in the working precision (float32 or float64).
         timesteps: descending integer timesteps of the loop.
         gamma: stochasticity ``γ ∈ [0, 1]`` (``eta`` in diffusers).
+        boundary: ``(final_alpha_cumprod, timestep_scaling)`` for the consistency-boundary mode: every step applies
+            LCM's ``c_skip, c_out`` (``σ_d = 0.5``) to ``x̂0``, and a target ``s = 0`` is the clean endpoint with
+            ``ᾱ = final_alpha_cumprod``. None (default) is plain TCD.
     """
     acp = alphas_cumprod.detach().cpu()
     t = torch.as_tensor(np.asarray(timesteps, dtype=np.int64))
     t_prev = torch.cat([t[1:], torch.zeros(1, dtype=torch.long)])
     s = torch.from_numpy(target_timesteps(t_prev.numpy(), gamma))
     a_t, a_s, a_p = acp[t], acp[s], acp[t_prev]
+    extra: dict[str, list[float]] = {}
+    if boundary is not None:
+        final, scaling = boundary
+        a_s = torch.where(s == 0, final.to(acp.dtype), a_s)
+        scaled = t * scaling  # the reference scales the integer timestep in the working float type
+        extra = {
+            "c_skip": (SIGMA_DATA**2 / (scaled**2 + SIGMA_DATA**2)).to(acp.dtype).tolist(),
+            "c_out": (scaled / (scaled**2 + SIGMA_DATA**2) ** 0.5).to(acp.dtype).tolist(),
+        }
     ratio = a_p / a_s
     cols = {
         "alpha_t": a_t.sqrt(),
@@ -124,19 +152,64 @@ def build_vp_table(
         "renoise": ratio.sqrt(),
         "noise": (1 - ratio).sqrt(),
     }
-    values = {k: v.tolist() for k, v in cols.items()}
-    last = len(t) - 1
+    columns = {k: v.tolist() for k, v in cols.items()} | extra
+    draws = [gamma > 0 and i != len(t) - 1 for i in range(len(t))]
+    return _table(gamma, acp.dtype, t.tolist(), t_prev.tolist(), s.tolist(), columns, draws, boundary is not None)
+
+
+def build_table(
+    t: Sequence[float],
+    t_prev: Sequence[float],
+    s: Sequence[float],
+    alpha_sigma: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
+    gamma: float,
+    draws_noise: Sequence[bool],
+    dtype: torch.dtype = torch.float64,
+) -> StepTable:
+    """Coefficients of a TCD loop on any path given in closed form, computed in float64.
+
+    Args:
+        t, t_prev, s: per step, the current time, the next time and the denoising target, in the path's time.
+        alpha_sigma: the path: times → ``(α, σ)`` (float64 arrays).
+        gamma: the stochasticity the targets were made with (recorded in the table).
+        draws_noise: per step, whether the diffusion sub-step runs.
+        dtype: the working precision the table is meant for (recorded; values are float64).
+    """
+    a_t, s_t = alpha_sigma(np.asarray(t, dtype=np.float64))
+    a_s, s_s = alpha_sigma(np.asarray(s, dtype=np.float64))
+    a_p, s_p = alpha_sigma(np.asarray(t_prev, dtype=np.float64))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        renoise = np.where(draws_noise, a_p / a_s, 1.0)
+        noise = np.where(draws_noise, np.sqrt(np.maximum(s_p**2 - (renoise * s_s) ** 2, 0.0)), 0.0)
+    columns = {
+        "alpha_t": a_t, "sigma_t": s_t, "alpha_s": a_s, "sigma_s": s_s, "renoise": renoise, "noise": noise
+    }  # fmt: skip
+    return _table(gamma, dtype, list(t), list(t_prev), list(s), {k: v.tolist() for k, v in columns.items()},
+                  list(draws_noise))  # fmt: skip
+
+
+def _table(
+    gamma: float,
+    dtype: torch.dtype,
+    t: list[Any],
+    t_prev: list[Any],
+    s: list[Any],
+    columns: dict[str, list[float]],
+    draws: list[bool],
+    boundary: bool = False,
+) -> StepTable:
     rows = tuple(
         StepRow(
-            t=int(t[i]),
-            t_prev=int(t_prev[i]),
-            s=int(s[i]),
-            **{k: v[i] for k, v in values.items()},
-            draws_noise=gamma > 0 and i != last,
+            t=t[i],
+            t_prev=t_prev[i],
+            s=s[i],
+            **{k: v[i] for k, v in columns.items()},
+            draws_noise=bool(draws[i]),
+            boundary=boundary,
         )
         for i in range(len(t))
     )
-    return StepTable(gamma=float(gamma), dtype=acp.dtype, rows=rows)
+    return StepTable(gamma=float(gamma), dtype=dtype, rows=rows)
 
 
 def convert_output(
@@ -145,7 +218,8 @@ def convert_output(
     """Model output ``m`` at ``x_t = sample`` → ``(x̂0, ε̂)`` on a path with ``(α_t, σ_t) = (alpha, sigma)``.
 
     ``epsilon``: ``x̂0 = (x − σ·m)/α, ε̂ = m``; ``sample``: ``x̂0 = m, ε̂ = (x − α·m)/σ``;
-    ``v_prediction``: ``x̂0 = α·x − σ·m, ε̂ = α·m + σ·x``.
+    ``v_prediction``: ``x̂0 = α·x − σ·m, ε̂ = α·m + σ·x``; ``flow`` (velocity ``u = ε − x0``):
+    ``x̂0 = x − σ·u, ε̂ = x + α·u``.
     """
     if prediction_type == "epsilon":
         return (sample - sigma * model_output) / alpha, model_output
@@ -153,6 +227,8 @@ def convert_output(
         return model_output, (sample - alpha * model_output) / sigma
     if prediction_type == "v_prediction":
         return alpha * sample - sigma * model_output, alpha * model_output + sigma * sample
+    if prediction_type == FLOW:
+        return sample - sigma * model_output, sample + alpha * model_output
     raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
 
 
@@ -220,17 +296,26 @@ def tcd_step(
         noise: ``z`` for the diffusion sub-step, used when ``row.draws_noise``.
         x0_transform: optional clipping/thresholding of ``x̂0`` before ``x_s`` is formed.
 
-    Half-precision inputs are computed in float32 and rounded once at the end; the outputs have the promoted dtype
-    of ``model_output`` and ``sample``.
+    With a transform or the boundary condition, ``ε̂`` is recomputed from the final ``x̂0``. Half-precision inputs
+    are computed in float32 and rounded once at the end; the outputs have the promoted dtype of ``model_output`` and
+    ``sample``.
     """
     out_dtype = torch.promote_types(model_output.dtype, sample.dtype)
     work = working_dtype(out_dtype)
-    x = sample.to(work)
-    x0, eps = convert_output(prediction_type, model_output.to(work), x, row.alpha_t, row.sigma_t)
-    if x0_transform is not None:
-        x0 = x0_transform(x0)
-        eps = (x - row.alpha_t * x0) / row.sigma_t
-    x_s = row.alpha_s * x0 + row.sigma_s * eps
+    x, m = sample.to(work), model_output.to(work)
+    if prediction_type == FLOW and x0_transform is None and not row.boundary:
+        # on the flow path the DDIM jump t → s is exactly an Euler step of the velocity to σ_s
+        x0 = x - row.sigma_t * m
+        x_s = x + (row.sigma_s - row.sigma_t) * m
+    else:
+        x0, eps = convert_output(prediction_type, m, x, row.alpha_t, row.sigma_t)
+        if x0_transform is not None or row.boundary:
+            if x0_transform is not None:
+                x0 = x0_transform(x0)
+            if row.boundary:
+                x0 = row.c_out * x0 + row.c_skip * x
+            eps = (x - row.alpha_t * x0) / row.sigma_t
+        x_s = row.alpha_s * x0 + row.sigma_s * eps
     prev = x_s
     if row.draws_noise and noise is not None:
         prev = row.renoise * x_s + row.noise * noise.to(work)
