@@ -40,8 +40,11 @@ PARAMS = [
     "num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "original_inference_steps",
     "clip_sample", "clip_sample_range", "set_alpha_to_one", "steps_offset", "prediction_type", "thresholding",
     "dynamic_thresholding_ratio", "sample_max_value", "timestep_spacing", "timestep_scaling",
-    "rescale_betas_zero_snr",
+    "rescale_betas_zero_snr", "consistency_boundary",
 ]  # fmt: skip
+
+#: Parameters of ours that diffusers' TCDScheduler does not have.
+OURS_ONLY = {"consistency_boundary"}
 
 NON_DEFAULT = {
     "num_train_timesteps": 500,
@@ -54,6 +57,7 @@ NON_DEFAULT = {
     "prediction_type": "v_prediction",
     "timestep_spacing": "trailing",
     "rescale_betas_zero_snr": True,
+    "consistency_boundary": True,
 }
 
 
@@ -61,8 +65,13 @@ def public(config: Any) -> dict[str, Any]:
     return {k: v for k, v in dict(config).items() if not k.startswith("_")}
 
 
+def shared(config: Any) -> dict[str, Any]:
+    """The public keys that diffusers' TCDScheduler has too."""
+    return {k: v for k, v in public(config).items() if k not in OURS_ONLY}
+
+
 def test_constructor_defaults_and_signature_match_diffusers() -> None:
-    assert public(TCDScheduler().config) == public(diffusers.TCDScheduler().config)
+    assert shared(TCDScheduler().config) == public(diffusers.TCDScheduler().config)
     assert list(public(TCDScheduler().config)) == PARAMS
     positional = TCDScheduler(500, 0.001, 0.02, "linear")
     assert positional.config.num_train_timesteps == 500 and positional.config.beta_schedule == "linear"
@@ -71,7 +80,7 @@ def test_constructor_defaults_and_signature_match_diffusers() -> None:
 def test_use_default_values_tracks_what_was_passed() -> None:
     ours = TCDScheduler(beta_schedule="scaled_linear", steps_offset=1)
     ref = diffusers.TCDScheduler(beta_schedule="scaled_linear", steps_offset=1)
-    assert sorted(ours.config["_use_default_values"]) == sorted(ref.config["_use_default_values"])
+    assert sorted(ours.config["_use_default_values"]) == sorted([*ref.config["_use_default_values"], *OURS_ONLY])
     assert "beta_schedule" not in ours.config["_use_default_values"]
 
 
@@ -133,16 +142,16 @@ def test_round_trip_files_both_ways(tmp_path: Path, config: dict[str, Any]) -> N
 def test_round_trip_in_memory_both_ways(config: dict[str, Any]) -> None:
     ours = TCDScheduler(**config)
     ref = diffusers.TCDScheduler.from_config(ours.config)
-    assert public(ref.config) == public(ours.config)
+    assert shared(ref.config) == shared(ours.config)
     back = TCDScheduler.from_config(ref.config)
     assert public(back.config) == public(ours.config)
-    assert sorted(back.config["_use_default_values"]) == sorted(ref.config["_use_default_values"])
+    assert set(back.config["_use_default_values"]) - OURS_ONLY == set(ref.config["_use_default_values"])
 
 
 def test_from_sdxl_euler_config_and_back(tmp_path: Path) -> None:
     ours = TCDScheduler.from_config(SDXL_EULER_CONFIG)
     ref = diffusers.TCDScheduler.from_config(SDXL_EULER_CONFIG)
-    assert public(ours.config) == public(ref.config)  # same keys kept, same values
+    assert shared(ours.config) == public(ref.config)  # same keys kept, same values
     for key in PARAMS:
         if key in SDXL_EULER_CONFIG:
             assert ours.config[key] == SDXL_EULER_CONFIG[key]
@@ -151,7 +160,8 @@ def test_from_sdxl_euler_config_and_back(tmp_path: Path) -> None:
     original = public(diffusers.EulerDiscreteScheduler.from_config(SDXL_EULER_CONFIG).config)
     assert {k: v for k, v in public(euler.config).items() if k in original} == original
     # the trip through ours leaves exactly what the trip through diffusers' TCDScheduler leaves
-    assert public(euler.config) == public(diffusers.EulerDiscreteScheduler.from_config(ref.config).config)
+    via_ref = public(diffusers.EulerDiscreteScheduler.from_config(ref.config).config)
+    assert {k: v for k, v in public(euler.config).items() if k not in OURS_ONLY} == via_ref
     # through files too
     path = tmp_path / "sdxl"
     path.mkdir()

@@ -102,9 +102,8 @@ class TCDScheduler(SchedulerFrontend):
         clip_sample: clamp ``x̂0`` to ``[−clip_sample_range, clip_sample_range]`` before ``x_s`` is formed; ``ε̂`` is
             then recomputed from the clipped ``x̂0`` (DDIM's convention). Default False.
         clip_sample_range: the clamp bound of ``clip_sample``. Default 1.0.
-        set_alpha_to_one: in the consistency-boundary mode (a later release), whether the clean endpoint uses
-            ``ᾱ = 1`` (True) or ``ᾱ_0``; the default TCD step always targets ``ᾱ_0`` at the end, as the reference.
-            Default True.
+        set_alpha_to_one: in the consistency-boundary mode, whether the clean endpoint (a target ``s = 0``) has
+            ``ᾱ = 1`` (True) or ``ᾱ_0``; plain TCD always targets ``ᾱ_0`` at ``s = 0``, as the reference. Default True.
         steps_offset: shifts every point of the schedule grid up by this many timesteps (clamped to ``T − 1``), as
             diffusers' DDIM does for ``leading`` spacing. Default 0. Note that diffusers' Stable Diffusion 1.x/2.x
             pipelines and SD/SDXL scheduler configs set this to 1, which moves the schedule one timestep off the grid
@@ -117,11 +116,16 @@ class TCDScheduler(SchedulerFrontend):
         timestep_spacing: how ``num_inference_steps`` timesteps are taken from the grid: ``"leading"`` (default) and
             ``"trailing"`` take indices ``⌊i·len/n⌋`` from the top (TCD's selection); ``"linspace"`` spreads them
             evenly with the highest and lowest grid points included.
-        timestep_scaling: ``k`` in the consistency boundary condition ``c_skip, c_out`` of the consistency-boundary
-            mode (a later release); not used by the default TCD step. Default 10.0.
+        timestep_scaling: ``k`` in the consistency boundary condition of the consistency-boundary mode,
+            ``c_skip = σ_d²/((k·t)² + σ_d²)``, ``c_out = k·t/√((k·t)² + σ_d²)``, ``σ_d = 0.5``; not used by plain
+            TCD. Default 10.0.
         rescale_betas_zero_snr: rescale betas to zero terminal SNR (Lin et al. 2023); use with
             ``v_prediction`` or ``sample`` models, since ``epsilon`` cannot recover ``x̂0`` where ``ᾱ = 0``.
             Default False.
+        consistency_boundary: the consistency-boundary mode for LCM-distilled models: ``x̂0`` becomes
+            ``c_out·x̂0 + c_skip·x_t`` (after clipping/thresholding), ``ε̂`` is recomputed from it, and a target
+            ``s = 0`` is the clean endpoint with ``ᾱ = final_alpha_cumprod``. With ``eta = 1`` this is diffusers'
+            ``LCMScheduler``; ``eta < 1`` gives LCM models TCD's control. Not a diffusers parameter. Default False.
     """
 
     @record_explicit_keys
@@ -144,6 +148,7 @@ class TCDScheduler(SchedulerFrontend):
         timestep_spacing: str = "leading",
         timestep_scaling: float = 10.0,
         rescale_betas_zero_snr: bool = False,
+        consistency_boundary: bool = False,
     ) -> None:
         self._init_config({k: v for k, v in locals().items() if k not in ("self", "__class__")})
 
@@ -152,7 +157,13 @@ class TCDScheduler(SchedulerFrontend):
     def _apply_config(self, config: Mapping[str, Any]) -> None:
         """Validate a config (missing parameters take their defaults), build the path, and reset the schedule."""
         c = FrozenConfig({**self._defaults(), **config})
-        for name in ("clip_sample", "set_alpha_to_one", "thresholding", "rescale_betas_zero_snr"):
+        for name in (
+            "clip_sample",
+            "set_alpha_to_one",
+            "thresholding",
+            "rescale_betas_zero_snr",
+            "consistency_boundary",
+        ):
             check_bool(name, c[name])
         T = check_int("num_train_timesteps", c["num_train_timesteps"], 1)
         check_choice("prediction_type", c["prediction_type"], PREDICTION_TYPES)
@@ -322,7 +333,10 @@ class TCDScheduler(SchedulerFrontend):
         work = working_dtype(dtype)
         table = self._tables.get((eta, work))
         if table is None:
-            table = build_vp_table(self.alphas_cumprod.to(work), self._timesteps_host, eta)
+            boundary = None
+            if self._config["consistency_boundary"]:
+                boundary = (self.final_alpha_cumprod, float(self._config["timestep_scaling"]))
+            table = build_vp_table(self.alphas_cumprod.to(work), self._timesteps_host, eta, boundary)
             self._tables[(eta, work)] = table
         return table
 
