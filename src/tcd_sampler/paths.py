@@ -1,8 +1,10 @@
 """Gaussian paths ``x_t = α_t·x0 + σ_t·ε``: the noise schedules a TCD step runs on.
 
-Only the discrete variance-preserving (DDPM) path lives here for now: ``α_t = √ᾱ_t``, ``σ_t = √(1 − ᾱ_t)`` on the
-integer grid ``0 … T−1``, with ``ᾱ`` built from a beta schedule. The float32 values of ``ᾱ`` are computed with the
-same operations as diffusers, so both libraries read bit-identical tables.
+- discrete variance-preserving (DDPM): ``α_t = √ᾱ_t``, ``σ_t = √(1 − ᾱ_t)`` on the integer grid ``0 … T−1``, with
+  ``ᾱ`` built from a beta schedule. The float32 values of ``ᾱ`` are computed with the same operations as diffusers,
+  so both libraries read bit-identical tables;
+- VE / k-diffusion: ``α = 1``, ``σ`` itself the time;
+- rectified flow: ``α = 1 − t``, ``σ = t``.
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ import torch
 __all__ = [
     "BETA_SCHEDULES",
     "VPDiscretePath",
+    "flow_alpha_sigma",
     "make_betas",
     "rescale_zero_terminal_snr",
+    "ve_alpha_sigma",
 ]
 
 #: Names accepted for ``beta_schedule``.
@@ -108,3 +112,15 @@ class VPDiscretePath:
         """``(α, σ)`` on the whole grid, shape ``(T,)`` each, computed in ``dtype`` from the float32 ``ᾱ``."""
         acp = self.alphas_cumprod.to(dtype)
         return acp.sqrt(), (1 - acp).sqrt()
+
+
+def ve_alpha_sigma(sigma: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The VE (k-diffusion) path ``x = x0 + σ·ε``: ``(α, σ) = (1, σ)``, time = σ."""
+    sigma = np.asarray(sigma, dtype=np.float64)
+    return np.ones_like(sigma), sigma
+
+
+def flow_alpha_sigma(t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The rectified-flow path ``x = (1 − t)·x0 + t·ε``: ``(α, σ) = (1 − t, t)``, time = σ = t ∈ [0, 1]."""
+    t = np.asarray(t, dtype=np.float64)
+    return 1.0 - t, t

@@ -158,9 +158,9 @@ def build_vp_table(
 
 
 def build_table(
-    t: Sequence[float],
-    t_prev: Sequence[float],
-    s: Sequence[float],
+    t: Sequence[float] | np.ndarray,
+    t_prev: Sequence[float] | np.ndarray,
+    s: Sequence[float] | np.ndarray,
     alpha_sigma: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
     gamma: float,
     draws_noise: Sequence[bool],
@@ -184,8 +184,8 @@ def build_table(
     columns = {
         "alpha_t": a_t, "sigma_t": s_t, "alpha_s": a_s, "sigma_s": s_s, "renoise": renoise, "noise": noise
     }  # fmt: skip
-    return _table(gamma, dtype, list(t), list(t_prev), list(s), {k: v.tolist() for k, v in columns.items()},
-                  list(draws_noise))  # fmt: skip
+    now, nxt, target = (np.asarray(v, dtype=np.float64).tolist() for v in (t, t_prev, s))
+    return _table(gamma, dtype, now, nxt, target, {k: v.tolist() for k, v in columns.items()}, list(draws_noise))
 
 
 def _table(

@@ -1,0 +1,355 @@
+"""``FlowMatchTCDScheduler``: TCD sampling for flow-matching models (SD3, FLUX, …), diffusers-compatible.
+
+The config keys and ``set_timesteps`` semantics are those of diffusers' ``FlowMatchEulerDiscreteScheduler`` (static
+``shift``, dynamic shifting with ``mu``, ``shift_terminal``, ``invert_sigmas``, Karras/exponential/beta sigmas), so a
+flow pipeline's scheduler config loads as is. The step is TCD's on the path ``x = (1 − σ)·x0 + σ·ε`` with the model
+predicting the velocity ``u = ε − x0``: ``gamma = 0`` is exactly the Euler step, ``gamma = 1`` is diffusers'
+``stochastic_sampling=True``, and values in between trade detail against accumulated error as in the TCD paper.
+
+Flow pipelines call ``step(noise_pred, t, latents, return_dict=False)`` with neither a generator nor a gamma, so
+``gamma`` comes from the config and the generator can be set on the scheduler (``scheduler.generator = g``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from ._frontend import (
+    SchedulerFrontend,
+    check_bool,
+    check_choice,
+    check_float_tensor,
+    check_int,
+    check_number,
+    record_explicit_keys,
+)
+from .config import FrozenConfig
+from .paths import flow_alpha_sigma
+from .step import FLOW, StepTable, build_table, draw_noise, tcd_step
+
+__all__ = ["FlowMatchTCDScheduler", "FlowMatchTCDSchedulerOutput"]
+
+TIME_SHIFT_TYPES = ("exponential", "linear")
+
+
+@dataclass
+class FlowMatchTCDSchedulerOutput:
+    """Output of :meth:`FlowMatchTCDScheduler.step`.
+
+    Attributes:
+        prev_sample: the next model input, ``x`` at the next sigma.
+        pred_noised_sample: ``x_s``, the denoised estimate carried to ``σ_s = (1 − γ)·σ_next``.
+        pred_original_sample: ``x̂0 = x − σ·u``.
+
+    The tuple form (``return_dict=False``) is ``(prev_sample,)``, as diffusers' flow schedulers return.
+    """
+
+    prev_sample: torch.Tensor
+    pred_noised_sample: torch.Tensor
+    pred_original_sample: torch.Tensor
+
+    def to_tuple(self) -> tuple[torch.Tensor]:
+        """``(prev_sample,)``."""
+        return (self.prev_sample,)
+
+    def __getitem__(self, key: int | slice | str) -> Any:
+        if isinstance(key, str):
+            return getattr(self, key)
+        return self.to_tuple()[key]
+
+
+class FlowMatchTCDScheduler(SchedulerFrontend):
+    """TCD's Strategic Stochastic Sampling on the rectified-flow path, a drop-in for
+    ``FlowMatchEulerDiscreteScheduler``.
+
+    Args:
+        num_train_timesteps: T; timesteps are ``σ·T``. Default 1000.
+        shift: static time shift ``σ ← shift·σ / (1 + (shift − 1)·σ)`` (SD3: 3.0). Default 1.0.
+        use_dynamic_shifting: shift by ``mu`` given to ``set_timesteps`` instead (FLUX: resolution dependent).
+            Default False.
+        base_shift, max_shift, base_image_seq_len, max_image_seq_len: the pipeline's inputs for ``mu``
+            (:meth:`mu_for` computes it). Defaults 0.5, 1.15, 256, 4096.
+        invert_sigmas: the model's sigmas run from 0 (noise) to 1 (data); the step works on ``1 − σ``. Default False.
+        shift_terminal: stretch the shifted schedule so that it ends at this sigma. Default None.
+        use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas: respace the sigmas (at most one; beta needs
+            scipy). Default False.
+        time_shift_type: ``"exponential"`` (default) or ``"linear"`` form of the dynamic shift.
+        stochastic_sampling: diffusers' name for ``gamma = 1``; when True it overrides ``gamma``. Default False.
+        gamma: TCD's stochasticity in [0, 1]: 0 is the Euler step, 1 is fully stochastic (consistency) sampling.
+            ``step(gamma=…)`` overrides it for one call. Default 0.3.
+    """
+
+    @record_explicit_keys
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        shift: float = 1.0,
+        use_dynamic_shifting: bool = False,
+        base_shift: float | None = 0.5,
+        max_shift: float | None = 1.15,
+        base_image_seq_len: int = 256,
+        max_image_seq_len: int = 4096,
+        invert_sigmas: bool = False,
+        shift_terminal: float | None = None,
+        use_karras_sigmas: bool = False,
+        use_exponential_sigmas: bool = False,
+        use_beta_sigmas: bool = False,
+        time_shift_type: str = "exponential",
+        stochastic_sampling: bool = False,
+        gamma: float = 0.3,
+    ) -> None:
+        self.generator: torch.Generator | list[torch.Generator] | None = None
+        self._init_config({k: v for k, v in locals().items() if k not in ("self", "__class__")})
+
+    # ------------------------------------------------------------------ config
+
+    def _apply_config(self, config: Mapping[str, Any]) -> None:
+        c = FrozenConfig({**self._defaults(), **config})
+        T = check_int("num_train_timesteps", c["num_train_timesteps"], 1)
+        check_number("shift", c["shift"], 0.0, math.inf, low_open=True)
+        for name in ("use_dynamic_shifting", "invert_sigmas", "use_karras_sigmas", "use_exponential_sigmas",
+                     "use_beta_sigmas", "stochastic_sampling"):  # fmt: skip
+            check_bool(name, c[name])
+        check_choice("time_shift_type", c["time_shift_type"], TIME_SHIFT_TYPES)
+        check_number("gamma", c["gamma"], 0.0, 1.0)
+        if c["shift_terminal"] is not None:
+            check_number("shift_terminal", c["shift_terminal"], 0.0, 1.0, low_open=True)
+        if sum(bool(c[k]) for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")) > 1:
+            raise ValueError("use at most one of use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas")
+        self._config = c
+        self._shift = float(c["shift"])
+        timesteps = torch.from_numpy(np.linspace(1, T, T, dtype=np.float32)[::-1].copy())
+        sigmas = timesteps / T
+        if not c["use_dynamic_shifting"]:
+            sigmas = self._shift * sigmas / (1 + (self._shift - 1) * sigmas)
+        self.sigmas = sigmas
+        self.sigma_min = float(sigmas[-1])
+        self.sigma_max = float(sigmas[0])
+        self.num_inference_steps: int | None = None
+        self._set_schedule(sigmas * T, torch.cat([sigmas, torch.zeros(1)]))
+        self._step_index = None
+        self._begin_index = None
+
+    @property
+    def shift(self) -> float:
+        """The static shift in use (``set_shift`` changes it without touching the config, as in diffusers)."""
+        return self._shift
+
+    def set_shift(self, shift: float) -> None:
+        """Use another static shift from the next ``set_timesteps`` on."""
+        self._shift = check_number("shift", shift, 0.0, math.inf, low_open=True)
+
+    @property
+    def gamma(self) -> float:
+        """The stochasticity a ``step`` without ``gamma`` uses: 1 with ``stochastic_sampling``, else the config's."""
+        return 1.0 if self._config["stochastic_sampling"] else float(self._config["gamma"])
+
+    def mu_for(self, image_seq_len: int) -> float:
+        """The dynamic shift ``mu`` for a latent of ``image_seq_len`` tokens, interpolated linearly between
+        ``(base_image_seq_len, base_shift)`` and ``(max_image_seq_len, max_shift)`` as the FLUX pipelines do."""
+        c = self._config
+        slope = (c["max_shift"] - c["base_shift"]) / (c["max_image_seq_len"] - c["base_image_seq_len"])
+        return image_seq_len * slope + (c["base_shift"] - slope * c["base_image_seq_len"])
+
+    def time_shift(self, mu: float, sigma: float, t: np.ndarray) -> np.ndarray:
+        """The dynamic shift of times ``t`` by ``mu`` (``time_shift_type`` form)."""
+        if self._config["time_shift_type"] == "exponential":
+            return math.exp(mu) / (math.exp(mu) + (1 / t - 1) ** sigma)
+        return mu / (mu + (1 / t - 1) ** sigma)
+
+    def _sigma_to_t(self, sigma: Any) -> Any:
+        return sigma * self._config["num_train_timesteps"]
+
+    # ---------------------------------------------------------------- schedule
+
+    def _set_schedule(self, timesteps: torch.Tensor, sigmas: torch.Tensor) -> None:
+        self.timesteps = timesteps
+        self.sigmas = sigmas
+        self._timesteps_host = tuple(timesteps.tolist())
+        self._sigmas_host = tuple(sigmas.tolist())
+        self._tables: dict[float, StepTable] = {}
+
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        device: str | torch.device | None = None,
+        sigmas: Sequence[float] | np.ndarray | None = None,
+        mu: float | None = None,
+        timesteps: Sequence[float] | np.ndarray | None = None,
+    ) -> None:
+        """Set the sigmas and timesteps of the loop, as ``FlowMatchEulerDiscreteScheduler.set_timesteps`` does.
+
+        Args:
+            num_inference_steps: number of model calls; may be left out when ``sigmas`` or ``timesteps`` are given.
+            device: where ``timesteps`` and ``sigmas`` are put. Default: CPU.
+            sigmas: custom descending sigmas in (0, 1] before shifting (pipelines pass ``linspace(1, 1/N, N)``).
+            mu: the dynamic shift; required with ``use_dynamic_shifting`` (see :meth:`mu_for`).
+            timesteps: custom timesteps (``σ·T``); without ``sigmas`` they also define the sigmas.
+        """
+        c = self._config
+        T = c["num_train_timesteps"]
+        if c["use_dynamic_shifting"] and mu is None:
+            raise ValueError("mu must be passed to set_timesteps when use_dynamic_shifting is True (see mu_for)")
+        if mu is not None:
+            check_number("mu", mu, -math.inf, math.inf)
+        if sigmas is not None and timesteps is not None and len(sigmas) != len(timesteps):
+            raise ValueError(f"sigmas and timesteps must have the same length, got {len(sigmas)} and {len(timesteps)}")
+        if num_inference_steps is None:
+            if sigmas is None and timesteps is None:
+                raise ValueError("pass num_inference_steps, sigmas or timesteps")
+            num_inference_steps = len(sigmas) if sigmas is not None else len(timesteps)  # type: ignore[arg-type]
+        else:
+            check_int("num_inference_steps", num_inference_steps, 1)
+            for name, given in (("sigmas", sigmas), ("timesteps", timesteps)):
+                if given is not None and len(given) != num_inference_steps:
+                    raise ValueError(f"{name} must have num_inference_steps={num_inference_steps} entries")
+
+        given_t = None if timesteps is None else self._check_values("timesteps", timesteps, 0.0, float(T))
+        if sigmas is None:
+            base = given_t if given_t is not None else np.linspace(
+                self._sigma_to_t(self.sigma_max), self._sigma_to_t(self.sigma_min), num_inference_steps
+            )  # fmt: skip
+            sig = base / T
+        else:
+            sig = self._check_values("sigmas", sigmas, 0.0, 1.0)
+        if c["use_dynamic_shifting"]:
+            sig = self.time_shift(float(mu), 1.0, sig)  # type: ignore[arg-type]
+        else:
+            sig = self._shift * sig / (1 + (self._shift - 1) * sig)
+        if c["shift_terminal"]:
+            one_minus = 1 - sig
+            sig = 1 - one_minus / (one_minus[-1] / (1 - c["shift_terminal"]))
+        sig = self._respace(np.asarray(sig), num_inference_steps)
+
+        sig_t = torch.from_numpy(np.asarray(sig)).to(dtype=torch.float32, device=device)
+        ts = torch.from_numpy(given_t).to(dtype=torch.float32, device=device) if given_t is not None else sig_t * T
+        end = torch.zeros(1, device=sig_t.device)
+        if c["invert_sigmas"]:
+            sig_t = 1.0 - sig_t
+            ts = sig_t * T
+            end = torch.ones(1, device=sig_t.device)
+        self._set_schedule(ts, torch.cat([sig_t, end]))
+        self.num_inference_steps = num_inference_steps
+        self._step_index = None
+        self._begin_index = None
+
+    @staticmethod
+    def _check_values(name: str, values: Sequence[float] | np.ndarray, low: float, high: float) -> np.ndarray:
+        arr = np.asarray(values, dtype=np.float32)
+        if arr.ndim != 1 or arr.size == 0:
+            raise ValueError(f"{name} must be a non-empty 1-D sequence, got shape {arr.shape}")
+        if not np.all(np.isfinite(arr)) or arr.min() < low or arr.max() > high:
+            raise ValueError(f"{name} must lie in [{low}, {high}], got {arr.min()} … {arr.max()}")
+        if np.any(np.diff(arr) >= 0):
+            raise ValueError(f"{name} must be strictly descending, got {arr.tolist()}")
+        return arr
+
+    def _respace(self, sig: np.ndarray, n: int) -> np.ndarray:
+        """Karras / exponential / beta respacing between the schedule's ends (or the config's sigma_min/max)."""
+        c = self._config
+        if not (c["use_karras_sigmas"] or c["use_exponential_sigmas"] or c["use_beta_sigmas"]):
+            return sig
+        lo = float(c["sigma_min"]) if c.get("sigma_min") is not None else float(sig[-1])
+        hi = float(c["sigma_max"]) if c.get("sigma_max") is not None else float(sig[0])
+        if c["use_karras_sigmas"]:
+            rho = 7.0
+            ramp = np.linspace(0, 1, n)
+            return (hi ** (1 / rho) + ramp * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
+        if c["use_exponential_sigmas"]:
+            return np.exp(np.linspace(math.log(hi), math.log(lo), n))
+        try:
+            from scipy.stats import beta
+        except ImportError:
+            raise ImportError("use_beta_sigmas needs scipy: pip install scipy") from None
+        return np.array([lo + ppf * (hi - lo) for ppf in (beta.ppf(x, 0.6, 0.6) for x in 1 - np.linspace(0, 1, n))])
+
+    # -------------------------------------------------------------------- step
+
+    def step_table(self, gamma: float | None = None) -> StepTable:
+        """Per-step coefficients of the current schedule for ``gamma`` (default: :attr:`gamma`), cached."""
+        if self.num_inference_steps is None:
+            raise ValueError("set_timesteps must be called before step")
+        gamma = self.gamma if gamma is None else check_number("gamma", gamma, 0.0, 1.0)
+        table = self._tables.get(gamma)
+        if table is None:
+            levels = np.asarray(self._sigmas_host, dtype=np.float64)
+            if self._config["invert_sigmas"]:
+                levels = 1.0 - levels  # the noise level of an inverted schedule
+            now, nxt = levels[:-1], levels[1:]
+            n = len(now)
+            draws = [gamma > 0 and i != n - 1 for i in range(n)]
+            table = build_table(now, nxt, (1.0 - gamma) * nxt, flow_alpha_sigma, gamma, draws, torch.float32)
+            self._tables[gamma] = table
+        return table
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: float | torch.Tensor,
+        sample: torch.Tensor,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        return_dict: bool = True,
+        *,
+        gamma: float | None = None,
+    ) -> FlowMatchTCDSchedulerOutput | tuple[torch.Tensor]:
+        """One TCD step on the flow path from ``sample`` at ``timestep`` with the model's velocity ``model_output``.
+
+        Args:
+            model_output: the velocity ``u = ε − x0`` predicted at ``(sample, timestep)``.
+            timestep: the current timestep (one of ``self.timesteps``); read on the first step of a loop.
+            sample: the current latents (computed in float32, returned in ``model_output``'s dtype, as diffusers).
+            generator: for the noise; default ``self.generator``.
+            return_dict: return a :class:`FlowMatchTCDSchedulerOutput` (default) or ``(prev_sample,)``.
+            gamma: override the configured stochasticity for this call.
+        """
+        table = self.step_table(gamma)
+        check_float_tensor("model_output", model_output)
+        check_float_tensor("sample", sample)
+        if model_output.shape != sample.shape:
+            raise ValueError(
+                f"model_output and sample must have the same shape, got {tuple(model_output.shape)} and "
+                f"{tuple(sample.shape)}"
+            )
+        if self._step_index is None:
+            self._step_index = self._start_index(timestep)
+        i = self._step_index
+        if i >= len(table):
+            raise ValueError(
+                f"step was called {i + 1} times but the schedule has {len(table)} steps; call set_timesteps again"
+            )
+        row = table.rows[i]
+        velocity = -model_output if self._config["invert_sigmas"] else model_output
+        x = sample.to(torch.float32)
+        noise = None
+        if row.draws_noise:
+            noise = draw_noise(x.shape, generator if generator is not None else self.generator, x.device, x.dtype)
+        prev, x_s, x0 = tcd_step(velocity.to(torch.float32), x, row, FLOW, noise)
+        self._step_index = i + 1
+        out = FlowMatchTCDSchedulerOutput(
+            prev.to(model_output.dtype), x_s.to(model_output.dtype), x0.to(model_output.dtype)
+        )
+        return out if return_dict else out.to_tuple()
+
+    # ------------------------------------------------------------ forward path
+
+    def scale_noise(
+        self, sample: torch.Tensor, timestep: float | torch.Tensor, noise: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The forward process ``σ·noise + (1 − σ)·sample`` at ``timestep`` (one per batch item), for img2img."""
+        check_float_tensor("sample", sample)
+        if noise is None:
+            raise ValueError("scale_noise needs noise, a tensor shaped like sample")
+        ts = torch.as_tensor(timestep).reshape(-1)
+        if self._begin_index is None:
+            indices = [self.index_for_timestep(t) for t in ts]
+        else:
+            indices = [self._step_index if self._step_index is not None else self._begin_index] * len(ts)
+        sigma = self.sigmas.to(device=sample.device, dtype=sample.dtype)[indices].flatten()
+        sigma = sigma.reshape(-1, *([1] * (sample.ndim - 1)))
+        return sigma * noise + (1.0 - sigma) * sample
