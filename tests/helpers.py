@@ -12,8 +12,9 @@ import torch
 
 def toy_model(x: torch.Tensor, t: Any) -> torch.Tensor:
     """A deterministic stand-in for a network: mostly ``x`` (as a real ε-model at high noise), a smooth nonlinearity,
-    and a fixed per-item pattern seeded by ``t``. Each batch item's output depends on that item alone."""
-    t = int(t)
+    and a fixed per-item pattern seeded by ``t`` (a scalar, or a batch of equal timesteps). Each batch item's output
+    depends on that item alone."""
+    t = int(torch.as_tensor(t).reshape(-1)[0])
     g = torch.Generator().manual_seed(1000 + t)
     pattern = torch.randn((1, *x.shape[1:]), generator=g, dtype=torch.float64)
     xd = x.double()
