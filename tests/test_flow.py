@@ -129,11 +129,12 @@ def test_intermediate_gamma_against_float64(gamma: float, config: dict[str, Any]
         {**SD3, "shift_terminal": 0.1},
         {**SD3, "use_karras_sigmas": True},
         {**SD3, "use_exponential_sigmas": True},
+        {**SD3, "use_beta_sigmas": True},
         {**FLUX, "time_shift_type": "linear"},
         {**SD3, "invert_sigmas": True},
         {"num_train_timesteps": 1000},
     ],
-    ids=["shift_terminal", "karras", "exponential", "linear-shift", "invert", "plain"],
+    ids=["shift_terminal", "karras", "exponential", "beta", "linear-shift", "invert", "plain"],
 )
 def test_schedule_variants_match_and_gamma0_is_euler(config: dict[str, Any]) -> None:
     ours, ref = FlowMatchTCDScheduler(**config, gamma=0.0), diffusers.FlowMatchEulerDiscreteScheduler(**config)
