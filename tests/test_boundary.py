@@ -90,3 +90,18 @@ def test_set_alpha_to_one_false_uses_alpha_bar_0_at_the_endpoint() -> None:
     plain = TCDScheduler(set_alpha_to_one=True)
     plain.set_timesteps(2)
     assert plain.step_table(1.0, torch.float64).rows[-1].alpha_s < 1.0  # plain TCD: ᾱ_0, whatever the flag
+
+
+def test_config_eta_serves_pipelines_that_pass_none() -> None:
+    """The LCM pipelines call step(..., eta=None): the config's eta decides, so eta=1 there is LCMScheduler."""
+    ours, ref = TCDScheduler(consistency_boundary=True, eta=1.0), diffusers.LCMScheduler()
+    ours.set_timesteps(4)
+    ref.set_timesteps(4)
+    x = y = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    for t in ours.timesteps:
+        x = ours.step(toy_model(x, t), t, x, eta=None, generator=g1).prev_sample
+        y = ref.step(toy_model(y, t), t, y, generator=g2).prev_sample
+    assert torch.equal(x, y)
+    with pytest.raises(ValueError, match=r"eta must be in \[0.0, 1.0\]"):
+        TCDScheduler(eta=1.2)

@@ -43,7 +43,7 @@ __all__ = ["TCDScheduler", "TCDSchedulerOutput"]
 
 logger = logging.getLogger("tcd_sampler")
 
-#: ``eta`` used when ``step`` receives ``eta=None`` (the LCM pipelines pass ``None``).
+#: The default of the ``eta`` config key: what ``step`` uses when it gets ``eta=None``.
 DEFAULT_ETA = 0.3
 
 
@@ -126,6 +126,8 @@ class TCDScheduler(SchedulerFrontend):
             ``c_out·x̂0 + c_skip·x_t`` (after clipping/thresholding), ``ε̂`` is recomputed from it, and a target
             ``s = 0`` is the clean endpoint with ``ᾱ = final_alpha_cumprod``. With ``eta = 1`` this is diffusers'
             ``LCMScheduler``; ``eta < 1`` gives LCM models TCD's control. Not a diffusers parameter. Default False.
+        eta: the stochasticity ``step`` uses when it is called with ``eta=None`` or without ``eta``, e.g. by the LCM
+            pipelines, which cannot pass one. Not a diffusers parameter. Default 0.3.
     """
 
     @record_explicit_keys
@@ -149,6 +151,7 @@ class TCDScheduler(SchedulerFrontend):
         timestep_scaling: float = 10.0,
         rescale_betas_zero_snr: bool = False,
         consistency_boundary: bool = False,
+        eta: float = DEFAULT_ETA,
     ) -> None:
         self._init_config({k: v for k, v in locals().items() if k not in ("self", "__class__")})
 
@@ -174,6 +177,7 @@ class TCDScheduler(SchedulerFrontend):
         check_number("dynamic_thresholding_ratio", c["dynamic_thresholding_ratio"], 0.0, 1.0)
         check_number("sample_max_value", c["sample_max_value"], 1.0, float("inf"))
         check_number("timestep_scaling", c["timestep_scaling"], 0.0, float("inf"), low_open=True)
+        check_number("eta", c["eta"], 0.0, 1.0)
         if c["trained_betas"] is None:
             check_choice("beta_schedule", c["beta_schedule"], BETA_SCHEDULES)
             check_number("beta_start", c["beta_start"], 0.0, 1.0)
@@ -324,12 +328,12 @@ class TCDScheduler(SchedulerFrontend):
 
     # -------------------------------------------------------------------- step
 
-    def step_table(self, eta: float | None = DEFAULT_ETA, dtype: torch.dtype = torch.float32) -> StepTable:
-        """The per-step coefficients of the current schedule for ``eta ∈ [0, 1]`` (None: 0.3) in the working
-        precision of ``dtype``, built once per value and cached until the schedule changes."""
+    def step_table(self, eta: float | None = None, dtype: torch.dtype = torch.float32) -> StepTable:
+        """The per-step coefficients of the current schedule for ``eta ∈ [0, 1]`` (None: the config's ``eta``) in
+        the working precision of ``dtype``, built once per value and cached until the schedule changes."""
         if self.num_inference_steps is None:
             raise ValueError("set_timesteps must be called before step")
-        eta = DEFAULT_ETA if eta is None else check_number("eta", eta, 0.0, 1.0)
+        eta = float(self._config["eta"]) if eta is None else check_number("eta", eta, 0.0, 1.0)
         work = working_dtype(dtype)
         table = self._tables.get((eta, work))
         if table is None:
@@ -345,7 +349,7 @@ class TCDScheduler(SchedulerFrontend):
         model_output: torch.Tensor,
         timestep: int | torch.Tensor,
         sample: torch.Tensor,
-        eta: float | None = DEFAULT_ETA,
+        eta: float | None = None,
         generator: GeneratorLike = None,
         return_dict: bool = True,
     ) -> TCDSchedulerOutput | tuple[torch.Tensor, torch.Tensor]:
@@ -357,7 +361,7 @@ class TCDScheduler(SchedulerFrontend):
                 pipeline called ``set_begin_index``), after which steps follow the schedule.
             sample: ``x_t``, a floating-point tensor with the shape of ``model_output``.
             eta: ``γ ∈ [0, 1]``, the stochasticity (0: deterministic; 1: LCM's multistep sampling). ``None``
-                means the default 0.3. Default 0.3.
+                (the default) means the config's ``eta``, 0.3 unless configured.
             generator: a ``torch.Generator`` (or one per batch item) for the noise ``z``.
             return_dict: return a :class:`TCDSchedulerOutput` (default) or the tuple
                 ``(prev_sample, pred_noised_sample)``.
