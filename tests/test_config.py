@@ -98,19 +98,34 @@ def test_attribute_and_key_access_read_only() -> None:
         _ = config.no_such_key
 
 
-def test_sd_pipeline_style_internal_dict_replacement() -> None:
-    """Stable Diffusion pipelines rewrite `scheduler._internal_dict` to patch legacy configs."""
-    sched = TCDScheduler()
+def test_sd_pipeline_style_internal_dict_replacement(caplog: pytest.LogCaptureFixture) -> None:
+    """Stable Diffusion pipelines rewrite `scheduler._internal_dict` to force steps_offset=1 and clip_sample=False.
+    Both are real parameters here, so that legacy patch is declined (the schedule stays diffusers' TCD schedule);
+    every other key of the replacement is taken."""
+    sched = TCDScheduler(clip_sample=True)
     new_config = dict(sched.config)
-    new_config["steps_offset"] = 1
-    sched._internal_dict = FrozenDict(new_config)
-    assert sched.config.steps_offset == 1
-    assert getattr(sched.config, "steps_offset", 0) == 1
-    sched.set_timesteps(4)
-    assert sched.timesteps.tolist() == [999, 760, 500, 260]
-    sched.register_to_config(steps_offset=0)
+    new_config.update(steps_offset=1, clip_sample=False, prediction_type="v_prediction")
+    with caplog.at_level(logging.INFO, logger="tcd_sampler"):
+        sched._internal_dict = FrozenDict(new_config)
+    assert "steps_offset" in caplog.text
+    assert sched.config.steps_offset == 0 and sched.config.clip_sample is True
+    assert sched.config.prediction_type == "v_prediction"
     sched.set_timesteps(4)
     assert sched.timesteps.tolist() == [999, 759, 499, 259]
+    sched.register_to_config(steps_offset=1)  # a deliberate change goes through
+    sched.set_timesteps(4)
+    assert sched.timesteps.tolist() == [999, 760, 500, 260]
+
+
+def test_foreign_steps_offset_is_kept_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="tcd_sampler"):
+        sched = TCDScheduler.from_config(SDXL_EULER_CONFIG)
+    assert "steps_offset=1 from the EulerDiscreteScheduler config shifts the TCD schedule" in caplog.text
+    assert sched.config.steps_offset == 1
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="tcd_sampler"):
+        sched = TCDScheduler.from_config(SDXL_EULER_CONFIG, steps_offset=0)
+    assert caplog.text == "" and sched.config.steps_offset == 0
 
 
 def test_saved_json_format(tmp_path: Path) -> None:
@@ -200,7 +215,7 @@ def test_unknown_keys_warned_and_kept(caplog: pytest.LogCaptureFixture) -> None:
     assert sched.config["bogus_key"] == 3
     with caplog.at_level(logging.WARNING, logger="tcd_sampler"):
         caplog.clear()
-        TCDScheduler.from_config(SDXL_EULER_CONFIG)  # another scheduler's keys are expected there
+        TCDScheduler.from_config(SDXL_EULER_CONFIG, steps_offset=0)  # another scheduler's keys are expected there
     assert caplog.text == ""
 
 

@@ -217,5 +217,5 @@ def test_bool_parameters_must_be_bools() -> None:
 
 def test_partial_internal_dict_takes_defaults() -> None:
     sched = TCDScheduler(prediction_type="v_prediction")
-    sched._internal_dict = {"steps_offset": 1}
-    assert sched.config.prediction_type == "epsilon" and sched.config.steps_offset == 1
+    sched._internal_dict = {"timestep_spacing": "linspace"}
+    assert sched.config.prediction_type == "epsilon" and sched.config.timestep_spacing == "linspace"

@@ -29,17 +29,26 @@ def pair(**config: Any) -> tuple[TCDScheduler, Any]:
 def reference_targets(config: dict[str, Any], schedule: dict[str, Any], eta: float) -> list[int]:
     """The s that diffusers uses at each step, measured from its output rather than recomputed.
 
-    With prediction_type='sample', a zero model output and x_t = 1, diffusers returns x_s = σ_s/σ_t; σ is strictly
-    increasing in t, so σ_s identifies s."""
-    ref = diffusers.TCDScheduler(**{**config, "prediction_type": "sample"})
-    ref.set_timesteps(**schedule)
-    sigma = (1 - ref.alphas_cumprod.double()).sqrt()
-    x = torch.ones(1, 1, 2, 2)
+    With prediction_type='sample', model output 1 and x_t = α_t, diffusers' ε̂ is exactly 0 and it returns
+    x_s = α_s; with model output 0 and x_t = σ_t, ε̂ = 1 and it returns σ_s. The pair (α_s, σ_s) identifies s on the
+    grid (α separates high timesteps where σ rounds to 1 in float32, σ separates low ones where α rounds to 1)."""
+    measured = []
+    for output, field in ((1.0, "alpha"), (0.0, "sigma")):
+        ref = diffusers.TCDScheduler(**{**config, "prediction_type": "sample"})
+        ref.set_timesteps(**schedule)
+        values = []
+        for t in ref.timesteps:
+            acp = ref.alphas_cumprod[int(t)]
+            x = (acp**0.5 if field == "alpha" else (1 - acp) ** 0.5) * torch.ones(1, 1, 2, 2)
+            out = ref.step(torch.full_like(x, output), t, x, eta=eta, generator=torch.Generator().manual_seed(0))
+            values.append(out.pred_noised_sample.double().mean().item())
+        measured.append(values)
+    acp = diffusers.TCDScheduler(**config).alphas_cumprod.double()
+    alpha, sigma = acp.sqrt(), (1 - acp).sqrt()
     targets = []
-    for t in ref.timesteps:
-        out = ref.step(torch.zeros_like(x), t, x, eta=eta, generator=torch.Generator().manual_seed(0))
-        sigma_s = out.pred_noised_sample.double().mean() * sigma[int(t)]
-        targets.append(int((sigma - sigma_s).abs().argmin()))
+    for a_s, s_s in zip(*measured, strict=True):
+        distance = (alpha - a_s).abs() / max(a_s, 1e-30) + (sigma - s_s).abs() / max(s_s, 1e-30)
+        targets.append(int(distance.argmin()))
     return targets
 
 

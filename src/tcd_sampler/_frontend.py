@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -19,6 +20,8 @@ import numpy as np
 import torch
 
 from .config import CONFIG_NAME, FrozenConfig, config_to_json, load_config_file, split_config
+
+logger = logging.getLogger("tcd_sampler")
 
 __all__ = [
     "SchedulerFrontend",
@@ -122,14 +125,31 @@ class SchedulerFrontend:
         """The read-only configuration (key and attribute access)."""
         return self._config
 
+    #: Keys a replacement of ``_internal_dict`` does not change (see the setter).
+    _pipeline_protected_keys: ClassVar[tuple[str, ...]] = ()
+
     @property
     def _internal_dict(self) -> FrozenConfig:
-        # diffusers' name for the config; pipelines replace it to patch legacy configs.
+        """diffusers' name for the config. Only diffusers itself assigns it: pipelines replace it to patch legacy
+        configs, e.g. the Stable Diffusion pipelines force ``steps_offset=1`` and ``clip_sample=False`` into any
+        scheduler. Keys in ``_pipeline_protected_keys`` are parameters with a real effect here that those patches
+        would silently change, so a replacement keeps their current values (change them with
+        ``register_to_config`` or ``from_config``); every other key is taken."""
         return self._config
 
     @_internal_dict.setter
     def _internal_dict(self, value: Mapping[str, Any]) -> None:
-        self._apply_config(value)
+        kept = {k: self._config[k] for k in self._pipeline_protected_keys if k in self._config}
+        declined = {k: value[k] for k in kept if k in value and value[k] != kept[k]}
+        if declined:
+            logger.info(
+                "%s keeps %s: a replaced config (a diffusers pipeline's legacy patch) asked for %s; "
+                "use register_to_config to change them",
+                type(self).__name__,
+                kept,
+                declined,
+            )
+        self._apply_config({**value, **kept})
 
     def register_to_config(self, **kwargs: Any) -> None:
         """Update config keys (diffusers' API); the schedule is rebuilt and must be set again."""

@@ -105,9 +105,10 @@ class TCDScheduler(SchedulerFrontend):
         set_alpha_to_one: in the consistency-boundary mode, whether the clean endpoint (a target ``s = 0``) has
             ``ᾱ = 1`` (True) or ``ᾱ_0``; plain TCD always targets ``ᾱ_0`` at ``s = 0``, as the reference. Default True.
         steps_offset: shifts every point of the schedule grid up by this many timesteps (clamped to ``T − 1``), as
-            diffusers' DDIM does for ``leading`` spacing. Default 0. Note that diffusers' Stable Diffusion 1.x/2.x
-            pipelines and SD/SDXL scheduler configs set this to 1, which moves the schedule one timestep off the grid
-            the TCD LoRAs were distilled on; pass ``steps_offset=0`` to match diffusers' TCD numbers there.
+            diffusers' DDIM does for ``leading`` spacing. Default 0. The Stable Diffusion pipelines' legacy patch
+            (which forces 1 into any scheduler) is declined, but SD/SDXL ``scheduler_config.json`` files carry 1,
+            so ``from_config(pipe.scheduler.config)`` shifts the schedule one timestep off the grid the TCD LoRAs
+            were distilled on (a warning says so); pass ``steps_offset=0`` there for diffusers' TCD numbers.
         prediction_type: what the model predicts: ``"epsilon"`` (default), ``"sample"`` or ``"v_prediction"``.
         thresholding: dynamic thresholding of ``x̂0`` (Imagen) before ``x_s`` is formed; takes precedence over
             ``clip_sample``. Unsuitable for latent models. Default False.
@@ -129,6 +130,8 @@ class TCDScheduler(SchedulerFrontend):
         eta: the stochasticity ``step`` uses when it is called with ``eta=None`` or without ``eta``, e.g. by the LCM
             pipelines, which cannot pass one. Not a diffusers parameter. Default 0.3.
     """
+
+    _pipeline_protected_keys = ("steps_offset", "clip_sample")
 
     @record_explicit_keys
     def __init__(
@@ -202,6 +205,26 @@ class TCDScheduler(SchedulerFrontend):
         self._set_schedule(np.arange(T - 1, -1, -1, dtype=np.int64), None)
         self._step_index: int | None = None
         self._begin_index: int | None = None
+
+    @classmethod
+    def from_config(
+        cls, config: Mapping[str, Any], return_unused_kwargs: bool = False, **kwargs: Any
+    ) -> TCDScheduler | tuple[TCDScheduler, dict[str, Any]]:
+        """As :meth:`SchedulerFrontend.from_config`; warns when another scheduler's config brings a ``steps_offset``
+        (SD/SDXL configs carry 1 for DDIM's leading spacing), since here it shifts the TCD schedule."""
+        if isinstance(config, Mapping) and "steps_offset" not in kwargs:
+            source = config.get("_class_name", cls.__name__)
+            offset = config.get("steps_offset", 0)
+            if source != cls.__name__ and offset and "steps_offset" not in config.get("_use_default_values", ()):
+                logger.warning(
+                    "steps_offset=%s from the %s config shifts the TCD schedule by %s timestep(s), off the grid TCD "
+                    "models were distilled on (diffusers' TCDScheduler ignores it); pass steps_offset=0 to keep "
+                    "diffusers' numbers",
+                    offset,
+                    source,
+                    offset,
+                )
+        return super().from_config(config, return_unused_kwargs, **kwargs)
 
     def _make_x0_transform(self) -> Any:
         c = self._config
