@@ -1,7 +1,9 @@
 """The ``tcd-sampler`` command.
 
-``tcd-sampler schedule`` prints, for each requested number of steps, the timesteps of a TCD loop, the target ``s``
-of every step and its coefficients (``α_t, σ_t, α_s, σ_s`` and the re-noising scales), for a given ``gamma``.
+- ``tcd-sampler schedule`` prints, for each requested number of steps, the timesteps of a TCD loop, the target ``s``
+  of every step and its coefficients (``α_t, σ_t, α_s, σ_s`` and the re-noising scales), for a given ``gamma``.
+- ``tcd-sampler generate`` runs a diffusers model (local folder or Hub id, optionally with a LoRA) with TCD:
+  text-to-image, image-to-image (``--image``) or inpainting (``--image`` and ``--mask``).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import asdict
 
+from .integrations.pipelines import MissingModelError
 from .scheduler import DEFAULT_ETA, TCDScheduler
 
 __all__ = ["main"]
@@ -54,6 +57,53 @@ def _cmd_schedule(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .integrations.pipelines import GenerationRequest, generate  # imports diffusers when run
+
+    request = GenerationRequest(
+        model=args.model,
+        prompt=args.prompt,
+        output=Path(args.output),
+        negative_prompt=args.negative_prompt,
+        lora=args.lora,
+        steps=args.steps,
+        gamma=args.gamma,
+        guidance=args.guidance,
+        seed=args.seed,
+        width=args.width,
+        height=args.height,
+        image=Path(args.image) if args.image else None,
+        strength=args.strength,
+        mask=Path(args.mask) if args.mask else None,
+        device=args.device,
+    )
+    print(f"wrote {generate(request)}")
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _multiple_of_8(text: str) -> int:
+    value = _positive_int(text)
+    if value % 8:
+        raise argparse.ArgumentTypeError(f"must be a multiple of 8, got {text}")
+    return value
+
+
+def _strength(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"strength must be in (0, 1], got {text}")
+    return value
+
+
 def _unit_float(text: str) -> float:
     value = float(text)
     if not 0.0 <= value <= 1.0:
@@ -79,6 +129,24 @@ def build_parser() -> argparse.ArgumentParser:
     sched.add_argument("--config", help="a scheduler_config.json or a folder holding one (default: SD/SDXL values)")
     sched.add_argument("--json", action="store_true", help="print JSON instead of tables")
     sched.set_defaults(func=_cmd_schedule)
+
+    gen = sub.add_parser("generate", help="generate an image with a diffusers model and TCD sampling")
+    gen.add_argument("--model", required=True, help="a local diffusers model folder or a Hugging Face Hub id")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--negative-prompt", help="only used with --guidance > 1")
+    gen.add_argument("--lora", help="a LoRA to load and fuse (folder, file or Hub id), e.g. h1t/TCD-SDXL-LoRA")
+    gen.add_argument("--steps", type=_positive_int, default=4, help="number of model calls (default 4)")
+    gen.add_argument("--gamma", type=_unit_float, default=DEFAULT_ETA, help="TCD's gamma / eta in [0, 1] (default 0.3)")
+    gen.add_argument("--guidance", type=float, default=0.0, help="classifier-free guidance scale (default 0: off)")
+    gen.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default 0)")
+    gen.add_argument("--width", type=_multiple_of_8, help="image width (default: the model's)")
+    gen.add_argument("--height", type=_multiple_of_8, help="image height (default: the model's)")
+    gen.add_argument("--image", help="an input image: image-to-image, or inpainting with --mask")
+    gen.add_argument("--strength", type=_strength, default=0.8, help="how much of --image to redraw (default 0.8)")
+    gen.add_argument("--mask", help="inpainting mask (white = repaint); needs --image")
+    gen.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    gen.add_argument("--output", default="tcd.png", help="where to write the image (default tcd.png)")
+    gen.set_defaults(func=_cmd_generate)
     return parser
 
 
@@ -87,7 +155,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (ValueError, TypeError, FileNotFoundError) as err:
+    except (ValueError, TypeError, FileNotFoundError, ImportError) as err:
+        print(f"tcd-sampler: error: {err}", file=sys.stderr)
+        return 2
+    except MissingModelError as err:  # what is missing and how to get it
         print(f"tcd-sampler: error: {err}", file=sys.stderr)
         return 2
 
