@@ -40,11 +40,11 @@ PARAMS = [
     "num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "original_inference_steps",
     "clip_sample", "clip_sample_range", "set_alpha_to_one", "steps_offset", "prediction_type", "thresholding",
     "dynamic_thresholding_ratio", "sample_max_value", "timestep_spacing", "timestep_scaling",
-    "rescale_betas_zero_snr", "consistency_boundary", "eta",
+    "rescale_betas_zero_snr", "consistency_boundary", "eta", "fused_step",
 ]  # fmt: skip
 
 #: Parameters of ours that diffusers' TCDScheduler does not have.
-OURS_ONLY = {"consistency_boundary", "eta"}
+OURS_ONLY = {"consistency_boundary", "eta", "fused_step"}
 
 NON_DEFAULT = {
     "num_train_timesteps": 500,

@@ -12,7 +12,7 @@ import functools
 import inspect
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Self
 
@@ -25,6 +25,7 @@ logger = logging.getLogger("tcd_sampler")
 
 __all__ = [
     "SchedulerFrontend",
+    "StepOutput",
     "check_bool",
     "check_choice",
     "check_float_tensor",
@@ -90,6 +91,54 @@ def check_bool(name: str, value: Any) -> bool:
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
     return bool(value)
+
+
+class StepOutput:
+    """What a scheduler's ``step`` returns: ``prev_sample``, ``pred_noised_sample`` (``x_s``) and
+    ``pred_original_sample`` (``x̂0``, computed on first read when the step itself did not need it).
+
+    Indexing, iteration and ``len`` follow ``to_tuple()``, the form ``step(..., return_dict=False)`` returns."""
+
+    _TUPLE_FIELDS: ClassVar[tuple[str, ...]] = ("prev_sample", "pred_noised_sample")
+
+    def __init__(
+        self,
+        prev_sample: torch.Tensor,
+        pred_noised_sample: torch.Tensor,
+        pred_original_sample: torch.Tensor | Callable[[], torch.Tensor],
+    ) -> None:
+        self.prev_sample = prev_sample
+        self.pred_noised_sample = pred_noised_sample
+        self._x0 = pred_original_sample
+
+    @property
+    def pred_original_sample(self) -> torch.Tensor:
+        """``x̂0`` (after clipping/thresholding and the boundary condition, where configured)."""
+        if not isinstance(self._x0, torch.Tensor):
+            self._x0 = self._x0()
+        return self._x0
+
+    def to_tuple(self) -> tuple[torch.Tensor, ...]:
+        """The tuple form of the output."""
+        return tuple(getattr(self, name) for name in self._TUPLE_FIELDS)
+
+    def keys(self) -> list[str]:
+        """Field names, as on diffusers' ``BaseOutput``."""
+        return ["prev_sample", "pred_noised_sample", "pred_original_sample"]
+
+    def __getitem__(self, key: int | slice | str) -> Any:
+        if isinstance(key, str):
+            return getattr(self, key)
+        return self.to_tuple()[key]
+
+    def __iter__(self) -> Any:
+        return iter(self.to_tuple())
+
+    def __len__(self) -> int:
+        return len(self._TUPLE_FIELDS)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(self.keys())})"
 
 
 class SchedulerFrontend:
@@ -254,8 +303,25 @@ class SchedulerFrontend:
         return sample
 
     def _start_index(self, timestep: Any) -> int:
-        """The step index a loop starts from: ``begin_index`` if a pipeline set it, else the timestep's position."""
-        return self._begin_index if self._begin_index is not None else self.index_for_timestep(timestep)
+        """The step index a loop starts from: ``begin_index`` if a pipeline set it, else the timestep's position.
+
+        A loop over ``self.timesteps`` (or a slice of it, as img2img pipelines take) hands back views of that tensor,
+        whose position is read from the view's storage offset: no device value is read. Anything else is looked up
+        by value, which reads it once (a host sync for a device tensor)."""
+        if self._begin_index is not None:
+            return self._begin_index
+        schedule = self.timesteps  # type: ignore[attr-defined]
+        if (
+            isinstance(timestep, torch.Tensor)
+            and timestep.ndim == 0
+            and timestep.device == schedule.device
+            and timestep.dtype == schedule.dtype
+            and timestep.untyped_storage().data_ptr() == schedule.untyped_storage().data_ptr()
+        ):
+            index = (timestep.storage_offset() - schedule.storage_offset()) // schedule.stride(0)
+            if 0 <= index < len(schedule):
+                return int(index)
+        return self.index_for_timestep(timestep)
 
     def __len__(self) -> int:
         return int(self._config["num_train_timesteps"])

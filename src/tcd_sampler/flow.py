@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -22,6 +21,7 @@ import torch
 
 from ._frontend import (
     SchedulerFrontend,
+    StepOutput,
     check_bool,
     check_choice,
     check_float_tensor,
@@ -31,37 +31,25 @@ from ._frontend import (
 )
 from .config import FrozenConfig
 from .paths import flow_alpha_sigma
-from .step import FLOW, StepTable, build_table, draw_noise, tcd_step
+from .step import FLOW, StepTable, build_table, draw_noise, flow_x0, tcd_step
 
 __all__ = ["FlowMatchTCDScheduler", "FlowMatchTCDSchedulerOutput"]
 
 TIME_SHIFT_TYPES = ("exponential", "linear")
 
 
-@dataclass
-class FlowMatchTCDSchedulerOutput:
+class FlowMatchTCDSchedulerOutput(StepOutput):
     """Output of :meth:`FlowMatchTCDScheduler.step`.
 
     Attributes:
         prev_sample: the next model input, ``x`` at the next sigma.
         pred_noised_sample: ``x_s``, the denoised estimate carried to ``σ_s = (1 − γ)·σ_next``.
-        pred_original_sample: ``x̂0 = x − σ·u``.
+        pred_original_sample: ``x̂0 = x − σ·u``, computed when first read (the step does not need it).
 
     The tuple form (``return_dict=False``) is ``(prev_sample,)``, as diffusers' flow schedulers return.
     """
 
-    prev_sample: torch.Tensor
-    pred_noised_sample: torch.Tensor
-    pred_original_sample: torch.Tensor
-
-    def to_tuple(self) -> tuple[torch.Tensor]:
-        """``(prev_sample,)``."""
-        return (self.prev_sample,)
-
-    def __getitem__(self, key: int | slice | str) -> Any:
-        if isinstance(key, str):
-            return getattr(self, key)
-        return self.to_tuple()[key]
+    _TUPLE_FIELDS = ("prev_sample",)
 
 
 class FlowMatchTCDScheduler(SchedulerFrontend):
@@ -329,12 +317,13 @@ class FlowMatchTCDScheduler(SchedulerFrontend):
         noise = None
         if row.draws_noise:
             noise = draw_noise(x.shape, generator if generator is not None else self.generator, x.device, x.dtype)
-        prev, x_s, x0 = tcd_step(velocity.to(torch.float32), x, row, FLOW, noise)
+        u = velocity.to(torch.float32)
+        prev, x_s, _ = tcd_step(u, x, row, FLOW, noise)
         self._step_index = i + 1
-        out = FlowMatchTCDSchedulerOutput(
-            prev.to(model_output.dtype), x_s.to(model_output.dtype), x0.to(model_output.dtype)
-        )
-        return out if return_dict else out.to_tuple()
+        dtype = model_output.dtype
+        if not return_dict:
+            return (prev.to(dtype),)
+        return FlowMatchTCDSchedulerOutput(prev.to(dtype), x_s.to(dtype), lambda: flow_x0(u, x, row.sigma_t).to(dtype))
 
     # ------------------------------------------------------------ forward path
 

@@ -143,11 +143,12 @@ def _sample(
 ) -> torch.Tensor:
     check_float_tensor("x", x)
     gamma = check_number("gamma", gamma, 0.0, 1.0)
-    sig_host = torch.as_tensor(sigmas).detach().double().cpu()
-    if sig_host.ndim != 1 or len(sig_host) < 2 or bool((sig_host[1:] >= sig_host[:-1]).any()) or sig_host[-1] < 0:
+    # the schedule is read to the host once, here; the loop below reads no device value
+    sig_host = torch.as_tensor(sigmas).detach().cpu().double().numpy()
+    if sig_host.ndim != 1 or len(sig_host) < 2 or np.any(np.diff(sig_host) >= 0) or sig_host[-1] < 0:
         raise ValueError(f"sigmas must be a strictly descending 1-D sequence ≥ 0 of length ≥ 2, got {sig_host}")
     if flow and sig_host[0] > 1:
-        raise ValueError(f"rectified-flow sigmas must lie in [0, 1], got {float(sig_host[0])}")
+        raise ValueError(f"rectified-flow sigmas must lie in [0, 1], got {sig_host[0]}")
     table = tcd_table(sig_host.tolist(), gamma, time, flow)
     extra_args = {} if extra_args is None else extra_args
     if noise_sampler is None:

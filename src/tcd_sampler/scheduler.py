@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
 from functools import partial
 from typing import Any
 
@@ -17,6 +16,7 @@ import torch
 
 from ._frontend import (
     SchedulerFrontend,
+    StepOutput,
     check_bool,
     check_choice,
     check_float_tensor,
@@ -29,11 +29,14 @@ from .paths import BETA_SCHEDULES, VPDiscretePath, make_betas, rescale_zero_term
 from .step import (
     PREDICTION_TYPES,
     GeneratorLike,
+    LinearRow,
     StepTable,
     build_vp_table,
     clip_x0,
     draw_noise,
     dynamic_threshold_x0,
+    fold_row,
+    linear_step,
     tcd_step,
     working_dtype,
 )
@@ -47,41 +50,17 @@ logger = logging.getLogger("tcd_sampler")
 DEFAULT_ETA = 0.3
 
 
-@dataclass
-class TCDSchedulerOutput:
+class TCDSchedulerOutput(StepOutput):
     """Output of :meth:`TCDScheduler.step`.
 
     Attributes:
         prev_sample: ``x_t'``, the input of the next model call, shape of the sample.
         pred_noised_sample: ``x_s``, the denoised estimate carried to time ``s``.
-        pred_original_sample: ``x̂0`` after clipping/thresholding.
+        pred_original_sample: ``x̂0`` after clipping/thresholding (with ``fused_step``, computed when first read).
 
     As in diffusers, the tuple form (``to_tuple()``, ``step(..., return_dict=False)``) is
     ``(prev_sample, pred_noised_sample)``; indexing and iteration follow it.
     """
-
-    prev_sample: torch.Tensor
-    pred_noised_sample: torch.Tensor
-    pred_original_sample: torch.Tensor
-
-    def to_tuple(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(prev_sample, pred_noised_sample)``."""
-        return (self.prev_sample, self.pred_noised_sample)
-
-    def __getitem__(self, key: int | slice | str) -> Any:
-        if isinstance(key, str):
-            return getattr(self, key)
-        return self.to_tuple()[key]
-
-    def __iter__(self) -> Any:
-        return iter(self.to_tuple())
-
-    def __len__(self) -> int:
-        return 2
-
-    def keys(self) -> list[str]:
-        """Field names, as on diffusers' ``BaseOutput``."""
-        return [f.name for f in fields(self)]
 
 
 class TCDScheduler(SchedulerFrontend):
@@ -129,6 +108,10 @@ class TCDScheduler(SchedulerFrontend):
             ``LCMScheduler``; ``eta < 1`` gives LCM models TCD's control. Not a diffusers parameter. Default False.
         eta: the stochasticity ``step`` uses when it is called with ``eta=None`` or without ``eta``, e.g. by the LCM
             pipelines, which cannot pass one. Not a diffusers parameter. Default 0.3.
+        fused_step: compute each step as at most two fused passes with coefficients folded in float64 (about 2×
+            faster on small latents) instead of the reference's operation order. As close to a float64 reference,
+            but no longer bit-identical to diffusers (≈ 1e-6 relative per loop, up to a few 1e-6 over 50 steps).
+            Ignored while clipping or thresholding is on. Not a diffusers parameter. Default False.
     """
 
     _pipeline_protected_keys = ("steps_offset", "clip_sample")
@@ -155,6 +138,7 @@ class TCDScheduler(SchedulerFrontend):
         rescale_betas_zero_snr: bool = False,
         consistency_boundary: bool = False,
         eta: float = DEFAULT_ETA,
+        fused_step: bool = False,
     ) -> None:
         self._init_config({k: v for k, v in locals().items() if k not in ("self", "__class__")})
 
@@ -200,6 +184,8 @@ class TCDScheduler(SchedulerFrontend):
         self.final_alpha_cumprod = torch.tensor(1.0) if c["set_alpha_to_one"] else self.alphas_cumprod[0]
         self._noise_tables: dict[tuple[str, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
         self._x0_transform = self._make_x0_transform()
+        self._fused = bool(c["fused_step"]) and self._x0_transform is None
+        self._folded: dict[int, tuple[LinearRow, ...]] = {}
         self.num_inference_steps: int | None = None
         self.custom_timesteps = False
         self._set_schedule(np.arange(T - 1, -1, -1, dtype=np.int64), None)
@@ -240,6 +226,7 @@ class TCDScheduler(SchedulerFrontend):
         self._timesteps_host: tuple[int, ...] = tuple(int(t) for t in timesteps)
         self._timesteps = torch.from_numpy(np.asarray(timesteps, dtype=np.int64)).to(device)
         self._tables: dict[tuple[float, torch.dtype], StepTable] = {}
+        self._folded = {}
 
     @property
     def timesteps(self) -> torch.Tensor:
@@ -365,6 +352,9 @@ class TCDScheduler(SchedulerFrontend):
                 boundary = (self.final_alpha_cumprod, float(self._config["timestep_scaling"]))
             table = build_vp_table(self.alphas_cumprod.to(work), self._timesteps_host, eta, boundary)
             self._tables[(eta, work)] = table
+            if self._fused:
+                prediction = self._config["prediction_type"]
+                self._folded[id(table)] = tuple(fold_row(row, prediction) for row in table.rows)
         return table
 
     def step(
@@ -399,7 +389,7 @@ class TCDScheduler(SchedulerFrontend):
         dtype = torch.promote_types(model_output.dtype, sample.dtype)
         table = self.step_table(eta, dtype)
         if self._step_index is None:
-            self._step_index = self._begin_index if self._begin_index is not None else self.index_for_timestep(timestep)
+            self._step_index = self._start_index(timestep)
         i = self._step_index
         if i >= len(table):
             raise ValueError(
@@ -410,10 +400,17 @@ class TCDScheduler(SchedulerFrontend):
         noise = None
         if row.draws_noise:
             noise = draw_noise(model_output.shape, generator, model_output.device, dtype)
-        prev, x_s, x0 = tcd_step(model_output, sample, row, self._config["prediction_type"], noise, self._x0_transform)
         self._step_index = i + 1
+        if self._fused:
+            lin = self._folded[id(table)][i]
+            prev, x_s = linear_step(model_output, sample, row, lin, noise)
+            if not return_dict:
+                return (prev, x_s)
+            return TCDSchedulerOutput(prev, x_s, lambda: torch.add(sample * lin.x0_x, model_output, alpha=lin.x0_m))
+        prev, x_s, x0 = tcd_step(model_output, sample, row, self._config["prediction_type"], noise, self._x0_transform)
         if not return_dict:
             return (prev, x_s)
+        assert x0 is not None  # only flow steps leave x̂0 out
         return TCDSchedulerOutput(prev_sample=prev, pred_noised_sample=x_s, pred_original_sample=x0)
 
     # ------------------------------------------------------------ forward path
