@@ -182,6 +182,7 @@ class TCDScheduler(SchedulerFrontend):
         self.alphas = 1.0 - self.betas
         self.alphas_cumprod = self._path.alphas_cumprod
         self.final_alpha_cumprod = torch.tensor(1.0) if c["set_alpha_to_one"] else self.alphas_cumprod[0]
+        self._zero_snr_timesteps = frozenset(np.flatnonzero(self.alphas_cumprod.numpy() == 0).tolist())
         self._noise_tables: dict[tuple[str, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
         self._x0_transform = self._make_x0_transform()
         self._fused = bool(c["fused_step"]) and self._x0_transform is None
@@ -304,7 +305,7 @@ class TCDScheduler(SchedulerFrontend):
             arr = tcd_schedule(grid, n, c["timestep_spacing"])
             self.custom_timesteps = False
 
-        dead = [int(t) for t in arr if self._path.alphas_cumprod[t] == 0]
+        dead = [int(t) for t in arr if t in self._zero_snr_timesteps]
         if c["prediction_type"] == "epsilon" and dead:
             raise ValueError(
                 "prediction_type='epsilon' cannot recover x0 where alphas_cumprod is 0 "

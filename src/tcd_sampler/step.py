@@ -110,12 +110,13 @@ class StepTable:
 
 
 def target_timesteps(t_prev: np.ndarray | Sequence[int], gamma: float) -> np.ndarray:
-    """``s = ⌊(1 − γ)·t'⌋`` on the integer grid, in float32 torch arithmetic exactly as the reference computes it.
+    """``s = ⌊(1 − γ)·t'⌋`` on the integer grid, in float32 exactly as the reference computes it (torch rounds
+    ``1 − γ`` to float32 and multiplies in float32; numpy's float32 product is the same IEEE operation).
 
     float64 would give a different ``s`` at some points (γ = 0.3, t' = 90: 63 in float32, 62 in float64).
     """
-    prev = torch.as_tensor(np.asarray(t_prev, dtype=np.int64))
-    return torch.floor((1 - gamma) * prev).to(torch.long).numpy()
+    prev = np.asarray(t_prev, dtype=np.int64).astype(np.float32)
+    return np.floor(np.float32(1 - gamma) * prev).astype(np.int64)
 
 
 def build_vp_table(
@@ -126,6 +127,9 @@ def build_vp_table(
 ) -> StepTable:
     """Coefficients of a TCD loop over ``timesteps`` on a discrete VP path.
 
+    The square roots are taken by torch in the working precision, as the reference takes them (torch's float32
+    ``sqrt`` on the CPU is not always the correctly rounded one, so numpy would not reproduce it).
+
     Args:
         alphas_cumprod: ``ᾱ`` on the grid, shape ``(T,)``, in the working precision (float32 or float64).
         timesteps: descending integer timesteps of the loop.
@@ -135,30 +139,30 @@ def build_vp_table(
             ``ᾱ = final_alpha_cumprod``. None (default) is plain TCD.
     """
     acp = alphas_cumprod.detach().cpu()
-    t = torch.as_tensor(np.asarray(timesteps, dtype=np.int64))
-    t_prev = torch.cat([t[1:], torch.zeros(1, dtype=torch.long)])
-    s = torch.from_numpy(target_timesteps(t_prev.numpy(), gamma))
-    a_t, a_s, a_p = acp[t], acp[s], acp[t_prev]
-    extra: dict[str, list[float]] = {}
-    if boundary is not None:
-        final, scaling = boundary
-        a_s = torch.where(s == 0, final.to(acp.dtype), a_s)
-        scaled = t * scaling  # the reference scales the integer timestep in the working float type
-        extra = {
-            "c_skip": (SIGMA_DATA**2 / (scaled**2 + SIGMA_DATA**2)).to(acp.dtype).tolist(),
-            "c_out": (scaled / (scaled**2 + SIGMA_DATA**2) ** 0.5).to(acp.dtype).tolist(),
-        }
-    ratio = a_p / a_s
-    cols = {
-        "alpha_t": a_t.sqrt(),
-        "sigma_t": (1 - a_t).sqrt(),
-        "alpha_s": a_s.sqrt(),
-        "sigma_s": (1 - a_s).sqrt(),
-        "renoise": ratio.sqrt(),
-        "noise": (1 - ratio).sqrt(),
+    t = np.asarray(timesteps, dtype=np.int64)
+    n = len(t)
+    t_prev = np.append(t[1:], 0)
+    s = target_timesteps(t_prev, gamma)
+    gathered = acp[torch.from_numpy(np.concatenate([t, s, t_prev]))]  # one gather: ᾱ_t, ᾱ_s, ᾱ_t'
+    a_t, a_s, a_p = gathered[:n], gathered[n : 2 * n], gathered[2 * n :]
+    if boundary is not None:  # s = 0 is the clean endpoint
+        a_s = torch.where(torch.from_numpy(s == 0), boundary[0].to(acp.dtype), a_s)
+    values = torch.cat([a_t, a_s, a_p / a_s])
+    roots = values.sqrt().tolist()  # α_t, α_s, √(ᾱ_t'/ᾱ_s)
+    co_roots = (1 - values).sqrt().tolist()  # σ_t, σ_s, √(1 − ᾱ_t'/ᾱ_s)
+    columns = {
+        "alpha_t": roots[:n],
+        "alpha_s": roots[n : 2 * n],
+        "renoise": roots[2 * n :],
+        "sigma_t": co_roots[:n],
+        "sigma_s": co_roots[n : 2 * n],
+        "noise": co_roots[2 * n :],
     }
-    columns = {k: v.tolist() for k, v in cols.items()} | extra
-    draws = [gamma > 0 and i != len(t) - 1 for i in range(len(t))]
+    if boundary is not None:
+        scaled = torch.from_numpy(t) * boundary[1]  # the reference scales the integer timestep in float32
+        columns["c_skip"] = (SIGMA_DATA**2 / (scaled**2 + SIGMA_DATA**2)).to(acp.dtype).tolist()
+        columns["c_out"] = (scaled / (scaled**2 + SIGMA_DATA**2) ** 0.5).to(acp.dtype).tolist()
+    draws = [gamma > 0 and i != n - 1 for i in range(n)]
     return _table(gamma, acp.dtype, t.tolist(), t_prev.tolist(), s.tolist(), columns, draws, boundary is not None)
 
 

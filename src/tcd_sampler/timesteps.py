@@ -6,6 +6,7 @@ parameter names lives here too, since these functions are only called when a sch
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -51,8 +52,10 @@ def tcd_schedule(grid: np.ndarray, num_inference_steps: int, spacing: str = "lea
         # from the top down, so that a single step starts at the top of the grid
         idx = np.round(np.linspace(len(grid) - 1, 0, num_inference_steps)).astype(np.int64)
         return grid[idx].copy()
-    idx = np.floor(np.linspace(0, len(grid), num=num_inference_steps, endpoint=False)).astype(np.int64)
-    return grid[::-1][idx].copy()
+    # ⌊i·(len/n)⌋ with the float64 product np.linspace(0, len, n, endpoint=False) forms, as the reference
+    step = len(grid) / num_inference_steps
+    top = len(grid) - 1
+    return grid[[top - math.floor(i * step) for i in range(num_inference_steps)]]
 
 
 def custom_schedule(timesteps: Sequence[int] | np.ndarray, num_train_timesteps: int) -> np.ndarray:
