@@ -93,6 +93,12 @@ def check_bool(name: str, value: Any) -> bool:
     return bool(value)
 
 
+@functools.cache
+def _init_parameters(init: Callable[..., None]) -> tuple[tuple[str, inspect.Parameter], ...]:
+    """The constructor's parameters, less ``self`` (inspect is slow; constructors are not)."""
+    return tuple((k, p) for k, p in inspect.signature(init).parameters.items() if k != "self")
+
+
 class StepOutput:
     """What a scheduler's ``step`` returns: ``prev_sample``, ``pred_noised_sample`` (``x_s``) and
     ``pred_original_sample`` (``x̂0``, computed on first read when the step itself did not need it).
@@ -165,9 +171,7 @@ class SchedulerFrontend:
 
     @classmethod
     def _signature(cls) -> dict[str, inspect.Parameter]:
-        params = dict(inspect.signature(cls.__init__).parameters)
-        params.pop("self")
-        return params
+        return dict(_init_parameters(cls.__init__))
 
     @property
     def config(self) -> FrozenConfig:

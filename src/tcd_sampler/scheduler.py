@@ -224,7 +224,7 @@ class TCDScheduler(SchedulerFrontend):
     # ---------------------------------------------------------------- schedule
 
     def _set_schedule(self, timesteps: np.ndarray, device: torch.device | str | None) -> None:
-        self._timesteps_host: tuple[int, ...] = tuple(int(t) for t in timesteps)
+        self._timesteps_host: tuple[int, ...] = tuple(np.asarray(timesteps, dtype=np.int64).tolist())
         self._timesteps = torch.from_numpy(np.asarray(timesteps, dtype=np.int64)).to(device)
         self._tables: dict[tuple[float, torch.dtype], StepTable] = {}
         self._folded = {}
