@@ -1,5 +1,5 @@
 # Two commands set up everything on a fresh machine:
-#   make demo   - create .venv, install the package, run the main job
+#   make demo   - create .venv, install the package with its evaluation extras, run the main job
 #   make test   - create .venv, install the package with its dev extras (pinned), run lint and the whole suite
 PYTHON ?= python3
 VENV := .venv
@@ -19,12 +19,16 @@ $(VENV)/.core: $(VENV)/.created pyproject.toml $(CONSTRAINTS)
 	$(PIP) install -q -c $(CONSTRAINTS) -e .
 	@touch $@
 
+$(VENV)/.eval: $(VENV)/.core
+	$(PIP) install -q -c $(CONSTRAINTS) -e ".[eval]"
+	@touch $@
+
 $(VENV)/.dev: $(VENV)/.core
 	$(PIP) install -q -c $(CONSTRAINTS) -e ".[dev]"
 	@touch $@
 
-demo: $(VENV)/.core
-	$(VENV)/bin/tcd-sampler schedule --steps 1 2 4 8 --gamma 0.3
+demo: $(VENV)/.eval
+	$(VENV)/bin/tcd-sampler demo --output-dir demo_out
 
 lint: $(VENV)/.dev
 	$(PY) -m ruff check src tests benchmarks

@@ -2,6 +2,9 @@
 
 - ``tcd-sampler schedule`` prints, for each requested number of steps, the timesteps of a TCD loop, the target ``s``
   of every step and its coefficients (``α_t, σ_t, α_s, σ_s`` and the re-noising scales), for a given ``gamma``.
+- ``tcd-sampler demo`` (what ``make demo`` runs) samples the shipped TCD and LCM students and the exact teacher at
+  1–8 NFE and prints, plots and saves the metrics (see :mod:`tcd_sampler.demo`).
+- ``tcd-sampler distill`` trains a student with TCD (or LCM) distillation (see :mod:`tcd_sampler.distill`).
 - ``tcd-sampler generate`` runs a diffusers model (local folder or Hub id, optionally with a LoRA) with TCD:
   text-to-image, image-to-image (``--image``) or inpainting (``--image`` and ``--mask``).
 """
@@ -83,6 +86,30 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(args.output_dir, samples=args.samples, seed=args.seed, figure=not args.no_figure)
+    return 0
+
+
+def _cmd_distill(args: argparse.Namespace) -> int:
+    from .distill import DistillConfig, distill, save_student
+
+    config = DistillConfig(
+        method=args.method,
+        data=args.data,
+        steps=args.steps,
+        warmup_steps=args.warmup_steps,
+        batch_size=args.batch_size,
+        seed=args.seed,
+    )
+    model, card = distill(config)
+    path = save_student(model, card, args.output)
+    print(f"wrote {path} (final loss {card['loss'][-1]:.5f})" if card["loss"] else f"wrote {path}")
+    return 0
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -129,6 +156,23 @@ def build_parser() -> argparse.ArgumentParser:
     sched.add_argument("--config", help="a scheduler_config.json or a folder holding one (default: SD/SDXL values)")
     sched.add_argument("--json", action="store_true", help="print JSON instead of tables")
     sched.set_defaults(func=_cmd_schedule)
+
+    demo = sub.add_parser("demo", help="the main job: TCD vs LCM vs the teacher on a toy model, measured")
+    demo.add_argument("--output-dir", default="demo_out", help="where demo.json and demo.png go (default demo_out)")
+    demo.add_argument("--samples", type=_positive_int, default=4000, help="samples per method and NFE (default 4000)")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the initial noise and data (default 0)")
+    demo.add_argument("--no-figure", action="store_true", help="skip the PNG (no matplotlib needed)")
+    demo.set_defaults(func=_cmd_demo)
+
+    dist = sub.add_parser("distill", help="distill a student from the exact teacher with TCD (or LCM)")
+    dist.add_argument("--method", choices=["tcd", "lcm"], default="tcd")
+    dist.add_argument("--data", choices=["ring2d", "gmm16"], default="ring2d")
+    dist.add_argument("--steps", type=int, default=4000, help="distillation steps (default 4000)")
+    dist.add_argument("--warmup-steps", type=int, default=3000, help="teacher-regression steps first (default 3000)")
+    dist.add_argument("--batch-size", type=_positive_int, default=1024)
+    dist.add_argument("--seed", type=int, default=0)
+    dist.add_argument("--output", required=True, help="folder for student.safetensors and card.json")
+    dist.set_defaults(func=_cmd_distill)
 
     gen = sub.add_parser("generate", help="generate an image with a diffusers model and TCD sampling")
     gen.add_argument("--model", required=True, help="a local diffusers model folder or a Hugging Face Hub id")
