@@ -182,7 +182,9 @@ def draw_figure(
         for j, name in enumerate(names):
             style = "-" if name.startswith("TCD") else "--"
             ax.plot(nfes, [results[name][n][key] for n in nfes], style, marker="o", ms=3, label=name, color=f"C{j}")
-        ax.set(xscale="log", xticks=list(nfes), xticklabels=[str(n) for n in nfes], title=label, xlabel="NFE")
+        ax.set(xscale="log", title=label, xlabel="NFE")
+        ax.minorticks_off()
+        ax.set_xticks(list(nfes), [str(n) for n in nfes])
         ax.tick_params(labelsize=7)
         ax.title.set_fontsize(9)
         if i == 0:
