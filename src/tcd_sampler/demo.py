@@ -32,16 +32,19 @@ __all__ = ["ASSETS", "run_demo"]
 #: Where the shipped students live.
 ASSETS = Path(__file__).resolve().parent / "assets"
 NFES = (1, 2, 4, 8)
+STEP_SEED_OFFSET = 1000
 GAMMAS = (0.0, 0.3, 0.5, 1.0)
 
 Sampler = Callable[[int, torch.Tensor], torch.Tensor]  # (nfe, initial noise) → samples
 
 
-def _scheduler_sampler(model: Callable[..., torch.Tensor], eta: float, boundary: bool = False) -> Sampler:
+def _scheduler_sampler(
+    model: Callable[..., torch.Tensor], eta: float, boundary: bool = False, seed: int = 0
+) -> Sampler:
     def sample(nfe: int, noise: torch.Tensor) -> torch.Tensor:
         sched = TCDScheduler(consistency_boundary=boundary)
         sched.set_timesteps(nfe)
-        generator = torch.Generator().manual_seed(1)  # the step noise, the same for every method
+        generator = torch.Generator().manual_seed(seed + STEP_SEED_OFFSET)  # the same step noise for every method
         x = noise
         with torch.no_grad():
             for t in sched.timesteps:
@@ -73,14 +76,14 @@ def _dpm_sampler(teacher: Callable[..., torch.Tensor]) -> Sampler | None:
     return sample
 
 
-def methods(mixture: GaussianMixture, assets: Path = ASSETS) -> dict[str, Sampler]:
-    """The compared samplers, by display name."""
+def methods(mixture: GaussianMixture, seed: int = 0, assets: Path = ASSETS) -> dict[str, Sampler]:
+    """The compared samplers, by display name (``seed`` seeds the noise the stochastic ones inject)."""
     tcd = load_student(assets / f"{mixture.name}_tcd").model
     lcm = load_student(assets / f"{mixture.name}_lcm").model
     teacher = mixture.vp_model(TCDScheduler().alphas_cumprod)
-    found: dict[str, Sampler] = {f"TCD γ={g}": _scheduler_sampler(tcd, g) for g in GAMMAS}
-    found["LCM"] = _scheduler_sampler(lcm, 1.0, boundary=True)
-    found["Teacher DDIM"] = _scheduler_sampler(teacher, 0.0)
+    found: dict[str, Sampler] = {f"TCD γ={g}": _scheduler_sampler(tcd, g, seed=seed) for g in GAMMAS}
+    found["LCM"] = _scheduler_sampler(lcm, 1.0, boundary=True, seed=seed)
+    found["Teacher DDIM"] = _scheduler_sampler(teacher, 0.0, seed=seed)
     dpm = _dpm_sampler(teacher)
     if dpm is not None:
         found["Teacher DPM-Solver++"] = dpm
@@ -104,7 +107,7 @@ def run_demo(
     mixture = ring2d()
     reference = mixture.sample(samples, torch.Generator().manual_seed(seed + 1))[0].float()
     noise = torch.randn(samples, mixture.dim, generator=torch.Generator().manual_seed(seed))
-    samplers = methods(mixture)
+    samplers = methods(mixture, seed)
     results: dict[str, dict[int, dict[str, float]]] = {}
     points: dict[str, dict[int, torch.Tensor]] = {}
     jobs = [(name, nfe) for name in samplers for nfe in nfes]
