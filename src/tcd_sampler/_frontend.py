@@ -327,5 +327,29 @@ class SchedulerFrontend:
                 return int(index)
         return self.index_for_timestep(timestep)
 
+    @staticmethod
+    def _check_step_inputs(model_output: Any, sample: Any) -> None:
+        """``step``'s tensor arguments: floating point, same shape."""
+        check_float_tensor("model_output", model_output)
+        check_float_tensor("sample", sample)
+        if model_output.shape != sample.shape:
+            raise ValueError(
+                f"model_output and sample must have the same shape, got {tuple(model_output.shape)} and "
+                f"{tuple(sample.shape)}"
+            )
+
+    def _advance(self, timestep: Any, steps: int) -> int:
+        """The index of the step being taken (``steps`` in the schedule); moves the counter past it."""
+        if self._step_index is None:
+            self._step_index = self._start_index(timestep)
+        i = self._step_index
+        if i >= steps:
+            raise ValueError(
+                f"step was called {i + 1} times but the schedule has {steps} steps; call set_timesteps again "
+                "before a new loop"
+            )
+        self._step_index = i + 1
+        return i
+
     def __len__(self) -> int:
         return int(self._config["num_train_timesteps"])

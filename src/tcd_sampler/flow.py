@@ -297,20 +297,8 @@ class FlowMatchTCDScheduler(SchedulerFrontend):
             gamma: override the configured stochasticity for this call.
         """
         table = self.step_table(gamma)
-        check_float_tensor("model_output", model_output)
-        check_float_tensor("sample", sample)
-        if model_output.shape != sample.shape:
-            raise ValueError(
-                f"model_output and sample must have the same shape, got {tuple(model_output.shape)} and "
-                f"{tuple(sample.shape)}"
-            )
-        if self._step_index is None:
-            self._step_index = self._start_index(timestep)
-        i = self._step_index
-        if i >= len(table):
-            raise ValueError(
-                f"step was called {i + 1} times but the schedule has {len(table)} steps; call set_timesteps again"
-            )
+        self._check_step_inputs(model_output, sample)
+        i = self._advance(timestep, len(table))
         row = table.rows[i]
         velocity = -model_output if self._config["invert_sigmas"] else model_output
         x = sample.to(torch.float32)
@@ -319,7 +307,6 @@ class FlowMatchTCDScheduler(SchedulerFrontend):
             noise = draw_noise(x.shape, generator if generator is not None else self.generator, x.device, x.dtype)
         u = velocity.to(torch.float32)
         prev, x_s, _ = tcd_step(u, x, row, FLOW, noise)
-        self._step_index = i + 1
         dtype = model_output.dtype
         if not return_dict:
             return (prev.to(dtype),)

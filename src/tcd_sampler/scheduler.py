@@ -380,28 +380,14 @@ class TCDScheduler(SchedulerFrontend):
             return_dict: return a :class:`TCDSchedulerOutput` (default) or the tuple
                 ``(prev_sample, pred_noised_sample)``.
         """
-        check_float_tensor("model_output", model_output)
-        check_float_tensor("sample", sample)
-        if model_output.shape != sample.shape:
-            raise ValueError(
-                f"model_output and sample must have the same shape, got {tuple(model_output.shape)} and "
-                f"{tuple(sample.shape)}"
-            )
+        self._check_step_inputs(model_output, sample)
         dtype = torch.promote_types(model_output.dtype, sample.dtype)
         table = self.step_table(eta, dtype)
-        if self._step_index is None:
-            self._step_index = self._start_index(timestep)
-        i = self._step_index
-        if i >= len(table):
-            raise ValueError(
-                f"step was called {i + 1} times but the schedule has {len(table)} steps; call set_timesteps again "
-                "before a new loop"
-            )
+        i = self._advance(timestep, len(table))
         row = table.rows[i]
         noise = None
         if row.draws_noise:
             noise = draw_noise(model_output.shape, generator, model_output.device, dtype)
-        self._step_index = i + 1
         if self._fused:
             lin = self._folded[id(table)][i]
             prev, x_s = linear_step(model_output, sample, row, lin, noise)
