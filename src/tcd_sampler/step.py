@@ -10,9 +10,11 @@ A step from ``t`` to the next scheduled time ``t'`` with ``γ ∈ [0, 1]``:
    the last step and when ``γ = 0``.
 
 Everything that depends only on the schedule and ``γ`` is computed once into a :class:`StepTable`; a step reads one
-:class:`StepRow`. The scalars are computed with torch's own CPU arithmetic in the working precision, and the tensor
-operations run in the reference's order, so float32 results are bit-identical to diffusers' ``TCDScheduler``.
-Nothing here validates input: the front ends do that once, at the boundary.
+:class:`StepRow`. Two ways to take it: :func:`tcd_step` computes the scalars with torch's own CPU arithmetic in the
+working precision and runs the tensor operations in the reference's order, so float32 results are bit-identical to
+diffusers' ``TCDScheduler``; :func:`linear_step` folds the step into at most two fused passes (:func:`fold_row`,
+float64), faster but only as close as rounding allows. Nothing here validates input: the front ends do that once,
+at the boundary.
 """
 
 from __future__ import annotations
