@@ -87,6 +87,16 @@ def sync_free_loops() -> dict[str, str]:
     finally:
         torch.cuda.set_sync_debug_mode("default")
     results["sample_tcd"] = "ok"
+
+    # a time map whose tables live on the GPU (as a k-diffusion model's do) is called there, once
+    from tcd_sampler import DiscreteVPTime
+
+    time_map = DiscreteVPTime(TCDScheduler().alphas_cumprod.to(DEVICE))
+    sched = TCDScheduler()
+    sched.set_timesteps(4)
+    gpu_sigmas = time_map.sigmas_for(sched.timesteps.to(DEVICE))
+    sample_tcd(time_map.denoiser(model), x, gpu_sigmas, gamma=0.3, time=time_map, seed=0, disable=True)
+    results["sample_tcd with a GPU time map"] = "ok"
     return results
 
 

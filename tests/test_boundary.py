@@ -105,3 +105,21 @@ def test_config_eta_serves_pipelines_that_pass_none() -> None:
     assert torch.equal(x, y)
     with pytest.raises(ValueError, match=r"eta must be in \[0.0, 1.0\]"):
         TCDScheduler(eta=1.2)
+
+
+def test_lcm_ignores_set_alpha_to_one_ours_needs_it_true() -> None:
+    """LCMScheduler never uses final_alpha_cumprod; our boundary mode's clean endpoint is ᾱ = final_alpha_cumprod,
+    so LCM's numbers need set_alpha_to_one=True whatever the LCM config says (SD/SDXL configs say False)."""
+    ref = diffusers.LCMScheduler(set_alpha_to_one=False)
+    runs = {}
+    for flag in (True, False):
+        ours = TCDScheduler(consistency_boundary=True, set_alpha_to_one=flag)
+        ours.set_timesteps(4)
+        ref.set_timesteps(4)
+        x = y = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+        g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+        for t in ours.timesteps:
+            x = ours.step(toy_model(x, t), t, x, eta=1.0, generator=g1).prev_sample
+            y = ref.step(toy_model(y, t), t, y, generator=g2).prev_sample
+        runs[flag] = rel_err(x, y)
+    assert runs[True] == 0.0 and runs[False] > 1e-3

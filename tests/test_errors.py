@@ -219,3 +219,23 @@ def test_partial_internal_dict_takes_defaults() -> None:
     sched = TCDScheduler(prediction_type="v_prediction")
     sched._internal_dict = {"timestep_spacing": "linspace"}
     assert sched.config.prediction_type == "epsilon" and sched.config.timestep_spacing == "linspace"
+
+
+def test_generator_arguments() -> None:
+    sched = ready()
+    with pytest.raises(ValueError, match=r"one per batch item \(1\), got 2"):
+        sched.step(X, 999, X, eta=0.3, generator=[torch.Generator(), torch.Generator()])
+    with pytest.raises(TypeError, match=r"generator must be a torch\.Generator"):
+        ready().step(X, 999, X, eta=0.3, generator=0)  # type: ignore[arg-type]
+
+
+def test_bool_timesteps_and_fused_flag() -> None:
+    with pytest.raises(TypeError, match="timesteps must be integers, not bools"):
+        TCDScheduler().set_timesteps(timesteps=[999, True])
+    with pytest.raises(TypeError, match="fused_step must be a bool"):
+        TCDScheduler(fused_step="yes")  # type: ignore[arg-type]
+
+
+def test_add_noise_shape_mismatch() -> None:
+    with pytest.raises(ValueError, match="noise must have the shape of original_samples"):
+        TCDScheduler().add_noise(X, X[:, :1], torch.tensor([5]))

@@ -214,3 +214,28 @@ def test_bad_config() -> None:
     sched.set_timesteps(2)
     with pytest.raises(ValueError, match="gamma must be in"):
         sched.step(torch.zeros(1, 2), sched.timesteps[0], torch.zeros(1, 2), gamma=2.0)
+
+
+def test_schedule_does_not_alias_the_callers_array() -> None:
+    arr = np.array([1000.0, 750.0, 500.0, 250.0], dtype=np.float32)
+    sched = FlowMatchTCDScheduler()
+    sched.set_timesteps(timesteps=arr)
+    arr[:] = [900.0, 600.0, 300.0, 100.0]
+    assert sched.timesteps.tolist() == [1000.0, 750.0, 500.0, 250.0]
+
+
+def test_a_timestep_from_another_schedule_is_looked_up_by_value() -> None:
+    a = FlowMatchTCDScheduler(**SD3)
+    a.set_timesteps(8)
+    b = FlowMatchTCDScheduler(**SD3)
+    b.set_timesteps(timesteps=a.timesteps.numpy()[::2].copy())
+    x = torch.zeros(1, 4)
+    with pytest.raises(ValueError, match="is not in the schedule"):
+        b.step(x, a.timesteps[1], x)
+
+
+def test_more_bad_configs() -> None:
+    with pytest.raises(ValueError, match=r"shift_terminal must be in \(0, 1\)"):
+        FlowMatchTCDScheduler(shift_terminal=1.0)
+    with pytest.raises(ValueError, match="max_image_seq_len != base_image_seq_len"):
+        FlowMatchTCDScheduler(base_image_seq_len=256, max_image_seq_len=256).mu_for(512)

@@ -75,3 +75,18 @@ def test_fused_step_is_ignored_while_clipping() -> None:
         sched.set_timesteps(4)
         outs.append(run_loop(sched, 3 * torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)), 0.3))
     assert torch.equal(outs[0], outs[1])
+
+
+def test_fused_scheduler_survives_copies_mid_schedule() -> None:
+    import copy
+    import pickle
+
+    sched = TCDScheduler(fused_step=True)
+    sched.set_timesteps(4)
+    x = torch.randn(1, 4, 8, 8)
+    sched.step(toy_model(x, 999), 999, x, eta=0.0)
+    for clone in (copy.deepcopy(sched), pickle.loads(pickle.dumps(sched))):
+        a = clone.step(toy_model(x, 759), 759, x, eta=0.0).prev_sample
+        b = sched.step(toy_model(x, 759), 759, x, eta=0.0).prev_sample
+        sched._step_index = 1
+        assert torch.equal(a, b)

@@ -220,3 +220,12 @@ def test_cli_hub_id_offline(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert "h1t/not-downloaded" in done.stderr and "HF_HUB_OFFLINE is set" in done.stderr
     assert not (tmp_path / "x.png").exists()
+
+
+def test_cli_gives_lcm_pipelines_lcm_endpoint(tmp_path: Path) -> None:
+    from tcd_sampler.integrations.pipelines import scheduler_for
+
+    diffusers.LCMScheduler(set_alpha_to_one=False, steps_offset=1).save_pretrained(tmp_path / "scheduler")
+    sched = scheduler_for(str(tmp_path), "LatentConsistencyModelPipeline", 0.5)
+    assert sched.config.consistency_boundary and sched.config.set_alpha_to_one and sched.config.steps_offset == 0
+    assert sched.config.eta == 0.5

@@ -33,7 +33,7 @@ def test_discrete_vp_reproduces_tcd_scheduler(prediction_type: str, steps: int, 
     replay = iter(noises)
     ref = x_vp
     for t in sched.timesteps:
-        out = sched.step(toy_model(ref, t), t, ref, eta=gamma, generator=_Fixed(replay))  # type: ignore[arg-type]
+        out = sched.step(toy_model(ref, t), t, ref, eta=gamma, generator=_fixed(replay))
         ref = out.prev_sample
 
     time = DiscreteVPTime(sched.alphas_cumprod)
@@ -46,11 +46,16 @@ def test_discrete_vp_reproduces_tcd_scheduler(prediction_type: str, steps: int, 
     assert rel_err(ours.double() * final_alpha, ref) <= 1e-5
 
 
-class _Fixed:
-    """Stands in for a generator: the patched draw_noise below returns its recorded tensors in order."""
+class _Fixed(torch.Generator):
+    """A generator whose draws the patched draw_noise below replaces by recorded tensors, in order."""
 
-    def __init__(self, replay: Any) -> None:
-        self.replay = replay
+    replay: Any
+
+
+def _fixed(replay: Any) -> _Fixed:
+    generator = _Fixed()
+    generator.replay = replay
+    return generator
 
 
 @pytest.fixture(autouse=True)
@@ -168,3 +173,11 @@ def test_discrete_time_maps() -> None:
     assert torch.equal(time.sigma_to_t(time.t_to_sigma(ts)), ts)
     assert time.sigma_to_t(torch.tensor(0.0)).item() == 0
     assert time.target([90], 0.3).tolist() == [63]
+
+
+def test_non_finite_sigmas_rejected() -> None:
+    for sigmas in (torch.tensor([10.0, float("nan"), 0.0]), torch.tensor([float("inf"), 1.0, 0.0])):
+        with pytest.raises(ValueError, match="sigmas must be"):
+            sample_tcd(lambda x, s: x, torch.zeros(1, 2), sigmas, disable=True)
+    with pytest.raises(ValueError, match="sigmas must be"):
+        sample_tcd_rf(lambda x, s: x, torch.zeros(1, 2), torch.tensor([float("nan"), 0.5, 0.0]), disable=True)

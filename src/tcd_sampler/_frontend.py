@@ -29,6 +29,7 @@ __all__ = [
     "check_bool",
     "check_choice",
     "check_float_tensor",
+    "check_generator",
     "check_int",
     "check_number",
     "record_explicit_keys",
@@ -84,6 +85,19 @@ def record_explicit_keys(init: Any) -> Any:
         init(self, *args, **kwargs)
 
     return wrapper
+
+
+def check_generator(generator: Any, batch: int) -> None:
+    """``generator``: None, a ``torch.Generator``, or a list/tuple of them with one per batch item."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return
+    if isinstance(generator, (list, tuple)):
+        if not all(isinstance(g, torch.Generator) for g in generator):
+            raise TypeError("generator must be a torch.Generator or a list of them")
+        if len(generator) not in (1, batch):
+            raise ValueError(f"a list of generators needs one per batch item ({batch}), got {len(generator)}")
+        return
+    raise TypeError(f"generator must be a torch.Generator, a list of them, or None; got {type(generator).__name__}")
 
 
 def check_bool(name: str, value: Any) -> bool:
@@ -322,14 +336,15 @@ class SchedulerFrontend:
             and timestep.dtype == schedule.dtype
             and timestep.untyped_storage().data_ptr() == schedule.untyped_storage().data_ptr()
         ):
-            index = (timestep.storage_offset() - schedule.storage_offset()) // schedule.stride(0)
-            if 0 <= index < len(schedule):
+            offset = timestep.storage_offset() - schedule.storage_offset()
+            index, rest = divmod(offset, schedule.stride(0)) if schedule.stride(0) else (-1, 1)
+            if rest == 0 and 0 <= index < len(schedule):
                 return int(index)
         return self.index_for_timestep(timestep)
 
     @staticmethod
-    def _check_step_inputs(model_output: Any, sample: Any) -> None:
-        """``step``'s tensor arguments: floating point, same shape."""
+    def _check_step_inputs(model_output: Any, sample: Any, generator: Any = None) -> None:
+        """``step``'s arguments: floating-point tensors of one shape; a generator, or one per batch item."""
         check_float_tensor("model_output", model_output)
         check_float_tensor("sample", sample)
         if model_output.shape != sample.shape:
@@ -337,6 +352,7 @@ class SchedulerFrontend:
                 f"model_output and sample must have the same shape, got {tuple(model_output.shape)} and "
                 f"{tuple(sample.shape)}"
             )
+        check_generator(generator, sample.shape[0] if sample.ndim else 1)
 
     def _advance(self, timestep: Any, steps: int) -> int:
         """The index of the step being taken (``steps`` in the schedule); moves the counter past it."""

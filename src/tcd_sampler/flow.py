@@ -107,7 +107,9 @@ class FlowMatchTCDScheduler(SchedulerFrontend):
         check_choice("time_shift_type", c["time_shift_type"], TIME_SHIFT_TYPES)
         check_number("gamma", c["gamma"], 0.0, 1.0)
         if c["shift_terminal"] is not None:
-            check_number("shift_terminal", c["shift_terminal"], 0.0, 1.0, low_open=True)
+            terminal = check_number("shift_terminal", c["shift_terminal"], 0.0, 1.0, low_open=True)
+            if terminal == 1.0:
+                raise ValueError("shift_terminal must be in (0, 1): at 1 every sigma but the last is 1")
         if sum(bool(c[k]) for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")) > 1:
             raise ValueError("use at most one of use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas")
         self._config = c
@@ -142,6 +144,8 @@ class FlowMatchTCDScheduler(SchedulerFrontend):
         """The dynamic shift ``mu`` for a latent of ``image_seq_len`` tokens, interpolated linearly between
         ``(base_image_seq_len, base_shift)`` and ``(max_image_seq_len, max_shift)`` as the FLUX pipelines do."""
         c = self._config
+        if c["max_image_seq_len"] == c["base_image_seq_len"]:
+            raise ValueError("mu_for needs max_image_seq_len != base_image_seq_len")
         slope = (c["max_shift"] - c["base_shift"]) / (c["max_image_seq_len"] - c["base_image_seq_len"])
         return image_seq_len * slope + (c["base_shift"] - slope * c["base_image_seq_len"])
 
@@ -229,7 +233,7 @@ class FlowMatchTCDScheduler(SchedulerFrontend):
 
     @staticmethod
     def _check_values(name: str, values: Sequence[float] | np.ndarray, low: float, high: float) -> np.ndarray:
-        arr = np.asarray(values, dtype=np.float32)
+        arr = np.array(values, dtype=np.float32, copy=True)  # never alias the caller's array
         if arr.ndim != 1 or arr.size == 0:
             raise ValueError(f"{name} must be a non-empty 1-D sequence, got shape {arr.shape}")
         if not np.all(np.isfinite(arr)) or arr.min() < low or arr.max() > high:
@@ -297,14 +301,15 @@ class FlowMatchTCDScheduler(SchedulerFrontend):
             gamma: override the configured stochasticity for this call.
         """
         table = self.step_table(gamma)
-        self._check_step_inputs(model_output, sample)
+        chosen = generator if generator is not None else self.generator
+        self._check_step_inputs(model_output, sample, chosen)
         i = self._advance(timestep, len(table))
         row = table.rows[i]
         velocity = -model_output if self._config["invert_sigmas"] else model_output
         x = sample.to(torch.float32)
         noise = None
         if row.draws_noise:
-            noise = draw_noise(x.shape, generator if generator is not None else self.generator, x.device, x.dtype)
+            noise = draw_noise(x.shape, chosen, x.device, x.dtype)
         u = velocity.to(torch.float32)
         prev, x_s, _ = tcd_step(u, x, row, FLOW, noise)
         dtype = model_output.dtype

@@ -102,7 +102,13 @@ class DiscreteVPTime:
         return denoise
 
 
-def tcd_table(sigmas: Sequence[float], gamma: float, time: TimeMap | None = None, flow: bool = False) -> StepTable:
+def tcd_table(
+    sigmas: Sequence[float],
+    gamma: float,
+    time: TimeMap | None = None,
+    flow: bool = False,
+    device: torch.device | str | None = None,
+) -> StepTable:
     """The per-step coefficients of a sigma-space TCD loop (rows' times are sigmas).
 
     Args:
@@ -111,16 +117,18 @@ def tcd_table(sigmas: Sequence[float], gamma: float, time: TimeMap | None = None
         time: the model's time maps (None: time = σ); with ``target`` (as :class:`DiscreteVPTime`) it also fixes
             how ``s`` is rounded.
         flow: the rectified-flow path instead of VE.
+        device: where the time maps are called (a k-diffusion model's maps hold buffers on the model's device);
+            their results are read back once. Default: CPU.
     """
     sig = np.asarray(sigmas, dtype=np.float64)
     now, nxt = sig[:-1], sig[1:]
     if time is None:
         s_sigma = (1.0 - gamma) * nxt
     else:
-        t_next = time.sigma_to_t(torch.from_numpy(nxt)).cpu().numpy()
+        t_next = time.sigma_to_t(torch.from_numpy(nxt).to(device)).detach().cpu().numpy()
         target = getattr(time, "target", None)
         s_time = target(t_next, gamma) if target is not None else (1.0 - gamma) * t_next
-        s_sigma = time.t_to_sigma(torch.as_tensor(s_time)).double().cpu().numpy()
+        s_sigma = time.t_to_sigma(torch.as_tensor(s_time).to(device)).detach().double().cpu().numpy()
         if target is None:
             s_sigma = np.where(nxt > 0, s_sigma, 0.0)  # a continuous model's last step ends clean
     draws = [gamma > 0 and bool(n > 0) for n in nxt]
@@ -145,11 +153,12 @@ def _sample(
     gamma = check_number("gamma", gamma, 0.0, 1.0)
     # the schedule is read to the host once, here; the loop below reads no device value
     sig_host = torch.as_tensor(sigmas).detach().cpu().double().numpy()
-    if sig_host.ndim != 1 or len(sig_host) < 2 or np.any(np.diff(sig_host) >= 0) or sig_host[-1] < 0:
+    bad = sig_host.ndim != 1 or len(sig_host) < 2 or not np.all(np.isfinite(sig_host))
+    if bad or np.any(np.diff(sig_host) >= 0) or sig_host[-1] < 0:
         raise ValueError(f"sigmas must be a strictly descending 1-D sequence ≥ 0 of length ≥ 2, got {sig_host}")
     if flow and sig_host[0] > 1:
         raise ValueError(f"rectified-flow sigmas must lie in [0, 1], got {sig_host[0]}")
-    table = tcd_table(sig_host.tolist(), gamma, time, flow)
+    table = tcd_table(sig_host.tolist(), gamma, time, flow, device=x.device)
     extra_args = {} if extra_args is None else extra_args
     if noise_sampler is None:
         generator = None if seed is None else torch.Generator(device=x.device).manual_seed(seed)

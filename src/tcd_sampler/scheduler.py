@@ -153,6 +153,7 @@ class TCDScheduler(SchedulerFrontend):
             "thresholding",
             "rescale_betas_zero_snr",
             "consistency_boundary",
+            "fused_step",
         ):
             check_bool(name, c[name])
         T = check_int("num_train_timesteps", c["num_train_timesteps"], 1)
@@ -186,7 +187,7 @@ class TCDScheduler(SchedulerFrontend):
         self._noise_tables: dict[tuple[str, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
         self._x0_transform = self._make_x0_transform()
         self._fused = bool(c["fused_step"]) and self._x0_transform is None
-        self._folded: dict[int, tuple[LinearRow, ...]] = {}
+        self._folded: dict[tuple[float, torch.dtype], tuple[LinearRow, ...]] = {}
         self.num_inference_steps: int | None = None
         self.custom_timesteps = False
         self._set_schedule(np.arange(T - 1, -1, -1, dtype=np.int64), None)
@@ -355,7 +356,7 @@ class TCDScheduler(SchedulerFrontend):
             self._tables[(eta, work)] = table
             if self._fused:
                 prediction = self._config["prediction_type"]
-                self._folded[id(table)] = tuple(fold_row(row, prediction) for row in table.rows)
+                self._folded[(eta, work)] = tuple(fold_row(row, prediction) for row in table.rows)
         return table
 
     def step(
@@ -380,7 +381,7 @@ class TCDScheduler(SchedulerFrontend):
             return_dict: return a :class:`TCDSchedulerOutput` (default) or the tuple
                 ``(prev_sample, pred_noised_sample)``.
         """
-        self._check_step_inputs(model_output, sample)
+        self._check_step_inputs(model_output, sample, generator)
         dtype = torch.promote_types(model_output.dtype, sample.dtype)
         table = self.step_table(eta, dtype)
         i = self._advance(timestep, len(table))
@@ -389,7 +390,7 @@ class TCDScheduler(SchedulerFrontend):
         if row.draws_noise:
             noise = draw_noise(model_output.shape, generator, model_output.device, dtype)
         if self._fused:
-            lin = self._folded[id(table)][i]
+            lin = self._folded[(table.gamma, table.dtype)][i]
             prev, x_s = linear_step(model_output, sample, row, lin, noise)
             if not return_dict:
                 return (prev, x_s)
@@ -427,6 +428,11 @@ class TCDScheduler(SchedulerFrontend):
         """The forward process ``x_t = α_t·x0 + σ_t·ε`` for per-sample integer ``timesteps`` (which may live on the
         CPU while the samples are elsewhere)."""
         check_float_tensor("original_samples", original_samples)
+        if noise.shape != original_samples.shape:
+            raise ValueError(
+                f"noise must have the shape of original_samples {tuple(original_samples.shape)}, "
+                f"got {tuple(noise.shape)}"
+            )
         a, s = self._path_coefficients(timesteps, original_samples)
         return (a * original_samples + s * noise).to(original_samples.dtype)
 

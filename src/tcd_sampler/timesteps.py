@@ -60,6 +60,8 @@ def tcd_schedule(grid: np.ndarray, num_inference_steps: int, spacing: str = "lea
 
 def custom_schedule(timesteps: Sequence[int] | np.ndarray, num_train_timesteps: int) -> np.ndarray:
     """Validate user-given timesteps: integers in ``[0, T−1]``, strictly descending, at least one."""
+    if isinstance(timesteps, (list, tuple)) and any(isinstance(t, bool) for t in timesteps):
+        raise TypeError(f"timesteps must be integers, not bools: {list(timesteps)}")
     arr = np.asarray(timesteps)
     if arr.ndim != 1 or arr.size == 0:
         raise ValueError(f"timesteps must be a non-empty 1-D sequence of integers, got shape {arr.shape}")

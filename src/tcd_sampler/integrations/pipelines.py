@@ -92,8 +92,11 @@ def scheduler_for(model: str, pipeline_class: str, gamma: float) -> Any:
     if str(config.get("_class_name", "")).startswith("FlowMatch"):
         return FlowMatchTCDScheduler.from_config(config, gamma=gamma)
     # steps_offset=0: keep the grid TCD models were distilled on (SD configs carry DDIM's offset of 1)
-    boundary = pipeline_class in LCM_PIPELINES
-    return TCDScheduler.from_config(config, steps_offset=0, consistency_boundary=boundary, eta=gamma)
+    if pipeline_class in LCM_PIPELINES:  # LCM's clean endpoint is ᾱ = 1 whatever the config says
+        return TCDScheduler.from_config(
+            config, steps_offset=0, consistency_boundary=True, set_alpha_to_one=True, eta=gamma
+        )
+    return TCDScheduler.from_config(config, steps_offset=0, eta=gamma)
 
 
 def load_pipeline(
