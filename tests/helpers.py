@@ -115,3 +115,16 @@ def half_precision_errors(
     noises = [torch.randn(x.shape, generator=g, dtype=dtype) for _ in range(steps - 1)] if eta > 0 else None
     ref = reference_loop64(sched.alphas_cumprod, sched.timesteps.tolist(), x.double(), eta, prediction_type, noises)
     return rel_err(out, ref)
+
+
+def lcm_loops(ours: Any, ref: Any, steps: int = 4, eta: float | None = 1.0, scale: float = 1.0) -> tuple[Any, Any]:
+    """Our scheduler (at ``eta``) and an ``LCMScheduler`` over the same ``steps``-step loop, same noise and generator
+    seeds; returns both final samples."""
+    ours.set_timesteps(steps)
+    ref.set_timesteps(steps)
+    x = y = scale * torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    for t in ours.timesteps:
+        x = ours.step(toy_model(x, t), t, x, eta=eta, generator=g1).prev_sample
+        y = ref.step(toy_model(y, t), t, y, generator=g2).prev_sample
+    return x, y

@@ -6,7 +6,7 @@ import diffusers
 import pytest
 import torch
 
-from helpers import rel_err, toy_model
+from helpers import lcm_loops, rel_err, toy_model
 from tcd_sampler import TCDScheduler
 
 TOL = 1e-6
@@ -37,14 +37,7 @@ def test_eta_one_is_lcm(prediction_type: str, steps: int) -> None:
 
 def test_eta_one_is_lcm_with_clipping_and_zero_snr() -> None:
     config = {"prediction_type": "v_prediction", "rescale_betas_zero_snr": True, "clip_sample": True}
-    ours, ref = lcm_pair(**config)
-    ours.set_timesteps(4)
-    ref.set_timesteps(4)
-    x = y = 2 * torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2))
-    g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
-    for t in ours.timesteps:
-        x = ours.step(toy_model(x, t), t, x, eta=1.0, generator=g1).prev_sample
-        y = ref.step(toy_model(y, t), t, y, generator=g2).prev_sample
+    x, y = lcm_loops(*lcm_pair(**config), scale=2.0)
     assert rel_err(x, y) <= TOL
 
 
@@ -94,14 +87,7 @@ def test_set_alpha_to_one_false_uses_alpha_bar_0_at_the_endpoint() -> None:
 
 def test_config_eta_serves_pipelines_that_pass_none() -> None:
     """The LCM pipelines call step(..., eta=None): the config's eta decides, so eta=1 there is LCMScheduler."""
-    ours, ref = TCDScheduler(consistency_boundary=True, eta=1.0), diffusers.LCMScheduler()
-    ours.set_timesteps(4)
-    ref.set_timesteps(4)
-    x = y = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
-    g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
-    for t in ours.timesteps:
-        x = ours.step(toy_model(x, t), t, x, eta=None, generator=g1).prev_sample
-        y = ref.step(toy_model(y, t), t, y, generator=g2).prev_sample
+    x, y = lcm_loops(TCDScheduler(consistency_boundary=True, eta=1.0), diffusers.LCMScheduler(), eta=None)
     assert torch.equal(x, y)
     with pytest.raises(ValueError, match=r"eta must be in \[0.0, 1.0\]"):
         TCDScheduler(eta=1.2)
@@ -113,13 +99,5 @@ def test_lcm_ignores_set_alpha_to_one_ours_needs_it_true() -> None:
     ref = diffusers.LCMScheduler(set_alpha_to_one=False)
     runs = {}
     for flag in (True, False):
-        ours = TCDScheduler(consistency_boundary=True, set_alpha_to_one=flag)
-        ours.set_timesteps(4)
-        ref.set_timesteps(4)
-        x = y = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
-        g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
-        for t in ours.timesteps:
-            x = ours.step(toy_model(x, t), t, x, eta=1.0, generator=g1).prev_sample
-            y = ref.step(toy_model(y, t), t, y, generator=g2).prev_sample
-        runs[flag] = rel_err(x, y)
+        runs[flag] = rel_err(*lcm_loops(TCDScheduler(consistency_boundary=True, set_alpha_to_one=flag), ref))
     assert runs[True] == 0.0 and runs[False] > 1e-3

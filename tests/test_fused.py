@@ -9,7 +9,7 @@ import diffusers
 import pytest
 import torch
 
-from helpers import golden_model, golden_sample, half_precision_errors, rel_err, run_loop, toy_model
+from helpers import golden_model, golden_sample, half_precision_errors, lcm_loops, rel_err, run_loop, toy_model
 from tcd_sampler import TCDScheduler
 
 CASES = list(itertools.product(["epsilon", "sample", "v_prediction"], [1, 4, 8, 50], [0.0, 0.3, 1.0]))
@@ -57,14 +57,7 @@ def test_fused_golden_values_and_x0() -> None:
 
 
 def test_fused_boundary_mode_is_lcm() -> None:
-    ours, ref = TCDScheduler(consistency_boundary=True, fused_step=True), diffusers.LCMScheduler()
-    ours.set_timesteps(4)
-    ref.set_timesteps(4)
-    x = y = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
-    g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
-    for t in ours.timesteps:
-        x = ours.step(toy_model(x, t), t, x, eta=1.0, generator=g1).prev_sample
-        y = ref.step(toy_model(y, t), t, y, generator=g2).prev_sample
+    x, y = lcm_loops(TCDScheduler(consistency_boundary=True, fused_step=True), diffusers.LCMScheduler())
     assert rel_err(x, y) <= 5e-6
 
 
