@@ -14,9 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
+from typing import Any
 
+from ._frontend import check_int, check_number
 from .integrations.pipelines import MissingModelError
 from .scheduler import DEFAULT_ETA, TCDScheduler
 
@@ -110,31 +112,27 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+def _argument(parse: Callable[[str], Any], check: Callable[..., Any], name: str, *bounds: Any, **kw: Any) -> Any:
+    """An argparse ``type`` that parses, then validates with the library's own checks (same messages)."""
+
+    def convert(text: str) -> Any:
+        try:
+            return check(name, parse(text), *bounds, **kw)
+        except (TypeError, ValueError) as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    return convert
+
+
+_positive_int = _argument(int, check_int, "value", 1)
+_strength = _argument(float, check_number, "strength", 0.0, 1.0, low_open=True)
+_unit_float = _argument(float, check_number, "gamma", 0.0, 1.0)
 
 
 def _multiple_of_8(text: str) -> int:
-    value = _positive_int(text)
+    value: int = _positive_int(text)
     if value % 8:
         raise argparse.ArgumentTypeError(f"must be a multiple of 8, got {text}")
-    return value
-
-
-def _strength(text: str) -> float:
-    value = float(text)
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"strength must be in (0, 1], got {text}")
-    return value
-
-
-def _unit_float(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"gamma must be in [0, 1], got {text}")
     return value
 
 

@@ -85,9 +85,11 @@ def config_to_json(config: Mapping[str, Any], class_name: str) -> str:
 def load_config_file(
     pretrained_model_name_or_path: str | os.PathLike[str],
     subfolder: str | None = None,
+    name: str = CONFIG_NAME,
     **hub_kwargs: Any,
 ) -> dict[str, Any]:
-    """Read a ``scheduler_config.json`` from a folder (optionally its ``subfolder``), a JSON file, or a Hub repo.
+    """Read a JSON config (``name``, by default ``scheduler_config.json``) from a folder (optionally its
+    ``subfolder``), a JSON file, or a Hub repo.
 
     Hub repos need ``huggingface_hub`` (installed with diffusers) and network access; ``hub_kwargs`` (``revision``,
     ``cache_dir``, ``token``, ``local_files_only`` …) go to ``hf_hub_download``.
@@ -96,7 +98,7 @@ def load_config_file(
     if subfolder:
         path = path / subfolder
     if path.is_dir():
-        path = path / CONFIG_NAME
+        path = path / name
     if path.is_file():
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
@@ -104,7 +106,7 @@ def load_config_file(
             raise ValueError(f"{path} does not hold a JSON object")
         return data
     if Path(pretrained_model_name_or_path).exists():
-        raise FileNotFoundError(f"no {CONFIG_NAME} at {path}")
+        raise FileNotFoundError(f"no {name} at {path}")
     try:
         from huggingface_hub import hf_hub_download
     except ImportError:
@@ -112,7 +114,7 @@ def load_config_file(
             f"{pretrained_model_name_or_path!r} is not a local folder or file, and loading from the Hugging Face Hub "
             "needs `huggingface_hub` (pip install 'tcd-sampler[diffusers]')"
         ) from None
-    file = hf_hub_download(str(pretrained_model_name_or_path), CONFIG_NAME, subfolder=subfolder, **hub_kwargs)
+    file = hf_hub_download(str(pretrained_model_name_or_path), name, subfolder=subfolder, **hub_kwargs)
     with open(file, encoding="utf-8") as f:
         return json.load(f)
 

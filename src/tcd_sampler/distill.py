@@ -30,7 +30,7 @@ from torch import nn
 from tqdm.auto import trange
 
 from .scheduler import TCDScheduler
-from .step import SIGMA_DATA
+from .step import boundary_scalings
 from .toy import GaussianMixture, gmm16, ring2d
 
 __all__ = ["DATASETS", "DistillConfig", "Student", "distill", "load_student", "save_student"]
@@ -113,11 +113,6 @@ def _schedule(config: DistillConfig) -> torch.Tensor:
     return TCDScheduler(num_train_timesteps=config.num_train_timesteps).alphas_cumprod
 
 
-def _boundary(t: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
-    scaled = t.float() * scaling
-    return SIGMA_DATA**2 / (scaled**2 + SIGMA_DATA**2), scaled / (scaled**2 + SIGMA_DATA**2).sqrt()
-
-
 def distill(config: DistillConfig, progress: bool = True, log_every: int = 50) -> tuple[Student, dict[str, Any]]:
     """Train a student; returns it (the EMA weights ``θ⁻``, which are what consistency models sample with) and a
     card: the config, the teacher's data, and the loss curves."""
@@ -158,7 +153,7 @@ def distill(config: DistillConfig, progress: bool = True, log_every: int = 50) -
         eps = model(x, t)
         x0 = (x - sigma[t, None] * eps) / alpha[t, None]
         if config.method == "lcm":  # t_m = 0: the boundary-conditioned clean estimate
-            c_skip, c_out = _boundary(t, config.timestep_scaling)
+            c_skip, c_out = boundary_scalings(t, config.timestep_scaling)
             return c_skip[:, None] * x + c_out[:, None] * x0
         return alpha[t_m, None] * x0 + sigma[t_m, None] * eps
 

@@ -187,7 +187,6 @@ class TCDScheduler(SchedulerFrontend):
         self._noise_tables: dict[tuple[str, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
         self._x0_transform = self._make_x0_transform()
         self._fused = bool(c["fused_step"]) and self._x0_transform is None
-        self._folded: dict[tuple[float, torch.dtype], tuple[LinearRow, ...]] = {}
         self.num_inference_steps: int | None = None
         self.custom_timesteps = False
         self._set_schedule(np.arange(T - 1, -1, -1, dtype=np.int64), None)
@@ -228,7 +227,7 @@ class TCDScheduler(SchedulerFrontend):
         self._timesteps_host: tuple[int, ...] = tuple(np.asarray(timesteps, dtype=np.int64).tolist())
         self._timesteps = torch.from_numpy(np.asarray(timesteps, dtype=np.int64)).to(device)
         self._tables: dict[tuple[float, torch.dtype], StepTable] = {}
-        self._folded = {}
+        self._folded: dict[tuple[float, torch.dtype], tuple[LinearRow, ...]] = {}
 
     @property
     def timesteps(self) -> torch.Tensor:

@@ -34,6 +34,7 @@ __all__ = [
     "LinearRow",
     "StepRow",
     "StepTable",
+    "boundary_scalings",
     "build_table",
     "build_vp_table",
     "clip_x0",
@@ -161,11 +162,19 @@ def build_vp_table(
         "noise": co_roots[2 * n :],
     }
     if boundary is not None:
-        scaled = torch.from_numpy(t) * boundary[1]  # the reference scales the integer timestep in float32
-        columns["c_skip"] = (SIGMA_DATA**2 / (scaled**2 + SIGMA_DATA**2)).to(acp.dtype).tolist()
-        columns["c_out"] = (scaled / (scaled**2 + SIGMA_DATA**2) ** 0.5).to(acp.dtype).tolist()
+        c_skip, c_out = boundary_scalings(torch.from_numpy(t), boundary[1])
+        columns["c_skip"] = c_skip.to(acp.dtype).tolist()
+        columns["c_out"] = c_out.to(acp.dtype).tolist()
     draws = [gamma > 0 and i != n - 1 for i in range(n)]
     return _table(gamma, acp.dtype, t.tolist(), t_prev.tolist(), s.tolist(), columns, draws, boundary is not None)
+
+
+def boundary_scalings(t: torch.Tensor, timestep_scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """LCM's consistency boundary condition at integer timesteps ``t``: ``(c_skip, c_out)`` with
+    ``c_skip = σ_d²/((k·t)² + σ_d²)``, ``c_out = k·t/√((k·t)² + σ_d²)``, ``k = timestep_scaling``, computed in
+    float32 as the reference scales the integer timestep."""
+    scaled = t * timestep_scaling
+    return SIGMA_DATA**2 / (scaled**2 + SIGMA_DATA**2), scaled / (scaled**2 + SIGMA_DATA**2) ** 0.5
 
 
 def build_table(

@@ -9,13 +9,14 @@ and LCM pipelines get it in consistency-boundary mode.
 from __future__ import annotations
 
 import inspect
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from ..config import load_config_file
 
 __all__ = ["GenerationRequest", "MissingModelError", "generate", "load_pipeline", "scheduler_for"]
 
@@ -60,19 +61,18 @@ def _diffusers() -> Any:
 
 
 def _read_config(model: str, name: str, subfolder: str | None = None) -> dict[str, Any]:
-    """A JSON file of the model: from its folder, or through the Hub cache/network for a repo id."""
+    """A JSON file of the model (:func:`load_config_file`), with errors that say what is missing."""
     local = Path(model)
     if local.is_dir():
-        path = local / subfolder / name if subfolder else local / name
-        if not path.is_file():
-            raise MissingModelError(f"{path} is missing: {model} is not a complete diffusers model folder")
-        return dict(json.loads(path.read_text(encoding="utf-8")))
+        try:
+            return load_config_file(model, subfolder, name=name)
+        except FileNotFoundError:
+            path = local / subfolder / name if subfolder else local / name
+            raise MissingModelError(f"{path} is missing: {model} is not a complete diffusers model folder") from None
     if local.is_absolute() or model.startswith((".", "~")) or model.count("/") > 1 or local.exists():
         raise MissingModelError(f"{model} is not a folder: pass a diffusers model folder or a Hub id (org/name)")
     try:
-        from huggingface_hub import hf_hub_download
-
-        file = hf_hub_download(model, name, subfolder=subfolder)
+        return load_config_file(model, subfolder, name=name)
     except Exception as err:  # network errors, missing repos, offline mode: all mean "not obtainable here"
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
         raise MissingModelError(
@@ -81,7 +81,6 @@ def _read_config(model: str, name: str, subfolder: str | None = None) -> dict[st
             f"{type(err).__name__}. Download it where the Hub is reachable (e.g. `hf download {model}`) and pass the "
             "folder, or pass --model a local diffusers model folder."
         ) from None
-    return dict(json.loads(Path(file).read_text(encoding="utf-8")))
 
 
 def scheduler_for(model: str, pipeline_class: str, gamma: float) -> Any:
