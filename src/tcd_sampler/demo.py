@@ -76,10 +76,10 @@ def _dpm_sampler(teacher: Callable[..., torch.Tensor]) -> Sampler | None:
     return sample
 
 
-def methods(mixture: GaussianMixture, seed: int = 0, assets: Path = ASSETS) -> dict[str, Sampler]:
-    """The compared samplers, by display name (``seed`` seeds the noise the stochastic ones inject)."""
-    tcd = load_student(assets / f"{mixture.name}_tcd").model
-    lcm = load_student(assets / f"{mixture.name}_lcm").model
+def methods(mixture: GaussianMixture, students: dict[str, Any], seed: int = 0) -> dict[str, Sampler]:
+    """The compared samplers, by display name, for the loaded ``students`` (``"tcd"``, ``"lcm"``); ``seed`` seeds
+    the noise the stochastic ones inject."""
+    tcd, lcm = students["tcd"].model, students["lcm"].model
     teacher = mixture.vp_model(TCDScheduler().alphas_cumprod)
     found: dict[str, Sampler] = {f"TCD γ={g}": _scheduler_sampler(tcd, g, seed=seed) for g in GAMMAS}
     found["LCM"] = _scheduler_sampler(lcm, 1.0, boundary=True, seed=seed)
@@ -107,7 +107,8 @@ def run_demo(
     mixture = ring2d()
     reference = mixture.sample(samples, torch.Generator().manual_seed(seed + 1))[0].float()
     noise = torch.randn(samples, mixture.dim, generator=torch.Generator().manual_seed(seed))
-    samplers = methods(mixture, seed)
+    students = {kind: load_student(ASSETS / f"{mixture.name}_{kind}") for kind in ("tcd", "lcm")}
+    samplers = methods(mixture, students, seed)
     results: dict[str, dict[int, dict[str, float]]] = {}
     points: dict[str, dict[int, torch.Tensor]] = {}
     jobs = [(name, nfe) for name in samplers for nfe in nfes]
@@ -123,7 +124,7 @@ def run_demo(
         "nfe": list(nfes),
         "metrics": {name: {str(n): m for n, m in by_nfe.items()} for name, by_nfe in results.items()},
         "true_samples": data,
-        "students": {kind: load_student(ASSETS / f"{mixture.name}_{kind}").card["config"] for kind in ("tcd", "lcm")},
+        "students": {kind: student.card["config"] for kind, student in students.items()},
     }
     print(format_table(results, nfes, data))
     if figure:

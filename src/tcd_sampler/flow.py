@@ -30,8 +30,8 @@ from ._frontend import (
     record_explicit_keys,
 )
 from .config import FrozenConfig
-from .paths import flow_alpha_sigma
-from .step import FLOW, StepTable, build_table, draw_noise, flow_x0, tcd_step
+from .sampling import tcd_table
+from .step import FLOW, StepTable, draw_noise, flow_x0, tcd_step
 
 __all__ = ["FlowMatchTCDScheduler", "FlowMatchTCDSchedulerOutput"]
 
@@ -118,7 +118,6 @@ class FlowMatchTCDScheduler(SchedulerFrontend):
         sigmas = timesteps / T
         if not c["use_dynamic_shifting"]:
             sigmas = self._shift * sigmas / (1 + (self._shift - 1) * sigmas)
-        self.sigmas = sigmas
         self.sigma_min = float(sigmas[-1])
         self.sigma_max = float(sigmas[0])
         self.num_inference_steps: int | None = None
@@ -273,10 +272,7 @@ class FlowMatchTCDScheduler(SchedulerFrontend):
             levels = np.asarray(self._sigmas_host, dtype=np.float64)
             if self._config["invert_sigmas"]:
                 levels = 1.0 - levels  # the noise level of an inverted schedule
-            now, nxt = levels[:-1], levels[1:]
-            n = len(now)
-            draws = [gamma > 0 and i != n - 1 for i in range(n)]
-            table = build_table(now, nxt, (1.0 - gamma) * nxt, flow_alpha_sigma, gamma, draws, torch.float32)
+            table = tcd_table(levels.tolist(), gamma, flow=True)  # the schedule ends at noise level 0
             self._tables[gamma] = table
         return table
 
