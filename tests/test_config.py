@@ -100,32 +100,41 @@ def test_attribute_and_key_access_read_only() -> None:
 
 def test_sd_pipeline_style_internal_dict_replacement(caplog: pytest.LogCaptureFixture) -> None:
     """Stable Diffusion pipelines rewrite `scheduler._internal_dict` to force steps_offset=1 and clip_sample=False.
-    Both are real parameters here, so that legacy patch is declined (the schedule stays diffusers' TCD schedule);
-    every other key of the replacement is taken."""
+    A replacement is someone else's config: the caller's clip_sample=True is kept, steps_offset=1 is kept in the
+    config but not applied (the schedule stays diffusers' TCD schedule); every other key is taken."""
     sched = TCDScheduler(clip_sample=True)
     new_config = dict(sched.config)
     new_config.update(steps_offset=1, clip_sample=False, prediction_type="v_prediction")
     with caplog.at_level(logging.INFO, logger="tcd_sampler"):
         sched._internal_dict = FrozenDict(new_config)
-    assert "steps_offset" in caplog.text
-    assert sched.config.steps_offset == 0 and sched.config.clip_sample is True
+    assert "steps_offset" in caplog.text and "clip_sample" in caplog.text
+    assert sched.config.steps_offset == 1 and sched.config.clip_sample is True
+    assert sched.config["_tcd_sampler_unapplied"] == ["steps_offset"]
     assert sched.config.prediction_type == "v_prediction"
     sched.set_timesteps(4)
     assert sched.timesteps.tolist() == [999, 759, 499, 259]
     sched.register_to_config(steps_offset=1)  # a deliberate change goes through
     sched.set_timesteps(4)
     assert sched.timesteps.tolist() == [999, 760, 500, 260]
+    assert "_tcd_sampler_unapplied" not in sched.config
 
 
-def test_foreign_steps_offset_is_kept_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="tcd_sampler"):
+def test_foreign_steps_offset_is_kept_but_not_applied(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="tcd_sampler"):
         sched = TCDScheduler.from_config(SDXL_EULER_CONFIG)
-    assert "steps_offset=1 from the EulerDiscreteScheduler config shifts the TCD schedule" in caplog.text
-    assert sched.config.steps_offset == 1
+    lines = [r for r in caplog.records if r.levelno >= logging.INFO]
+    assert len(lines) == 1 and lines[0].levelno == logging.INFO
+    assert "not applying set_alpha_to_one=False, steps_offset=1 from the EulerDiscreteScheduler config" in caplog.text
+    assert "from_config(config, set_alpha_to_one=False, steps_offset=1)" in caplog.text  # how to apply them
+    assert sched.config.steps_offset == 1  # kept, so converting back loses nothing
+    sched.set_timesteps(4)
+    assert sched.timesteps.tolist() == [999, 759, 499, 259]
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="tcd_sampler"):
-        sched = TCDScheduler.from_config(SDXL_EULER_CONFIG, steps_offset=0)
-    assert caplog.text == "" and sched.config.steps_offset == 0
+    with caplog.at_level(logging.INFO, logger="tcd_sampler"):
+        sched = TCDScheduler.from_config(SDXL_EULER_CONFIG, steps_offset=1)
+    assert "not applying set_alpha_to_one=False from" in caplog.text and "steps_offset" not in caplog.text
+    sched.set_timesteps(4)
+    assert sched.timesteps.tolist() == [999, 760, 500, 260]
 
 
 def test_saved_json_format(tmp_path: Path) -> None:

@@ -104,10 +104,11 @@ def test_output_tuple_form() -> None:
     sched.set_timesteps(2)
     x = torch.randn(1, 4, 8, 8)
     out = sched.step(toy_model(x, 999), 999, x, eta=0.0)
-    prev, noised = out
+    prev, noised = out.to_tuple()
     assert prev is out.prev_sample and noised is out.pred_noised_sample
-    assert out[0] is out.prev_sample and out["pred_original_sample"] is out.pred_original_sample
-    assert out.to_tuple() == (out.prev_sample, out.pred_noised_sample) and len(out) == 2
+    assert out[0] is out.prev_sample and out["pred_noised_sample"] is out.pred_noised_sample
+    assert list(out) == list(out.keys()) == ["prev_sample", "pred_noised_sample"] and len(out) == 2
+    assert "pred_original_sample" not in out and out.pred_original_sample.shape == x.shape
 
 
 def test_previous_timestep_and_state() -> None:

@@ -164,7 +164,7 @@ def test_non_tensor_sample() -> None:
         ({"steps_offset": -1}, r"steps_offset must be an integer in \[0, 999\]"),
         ({"clip_sample_range": 0.0}, "clip_sample_range"),
         ({"dynamic_thresholding_ratio": 1.5}, "dynamic_thresholding_ratio"),
-        ({"sample_max_value": 0.5}, "sample_max_value"),
+        ({"sample_max_value": 0.0}, "sample_max_value"),
         ({"timestep_scaling": -1.0}, "timestep_scaling"),
         ({"beta_end": 2.0}, "beta_end"),
         ({"trained_betas": [0.01] * 10}, "trained_betas must have length num_train_timesteps=1000"),

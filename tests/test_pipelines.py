@@ -58,7 +58,8 @@ def test_vp_pipelines_match_diffusers_tcd(kind: str, eta: float) -> None:
 def test_sd_pipeline_patch_is_declined() -> None:
     """StableDiffusionPipeline forces steps_offset=1 into its scheduler; the TCD schedule must not move."""
     pipe = FACTORIES["sd"](TCDScheduler())
-    assert pipe.scheduler.config.steps_offset == 0
+    assert pipe.scheduler.config.steps_offset == 1  # kept, so the pipeline's check passes, but not applied
+    assert pipe.scheduler.config["_tcd_sampler_unapplied"] == ["steps_offset"]
     pipe.scheduler.set_timesteps(4)
     assert pipe.scheduler.timesteps.tolist() == [999, 759, 499, 259]
 

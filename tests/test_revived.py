@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 
+import diffusers
 import numpy as np
 import pytest
 import torch
@@ -154,12 +155,22 @@ def test_linspace_spacing_spans_the_whole_grid(steps: int, kwargs: dict, expecte
     assert sched.timesteps.tolist() == expected
 
 
-@pytest.mark.parametrize("steps", [1, 2, 3, 4, 8, 16, 50])
-def test_trailing_equals_leading(steps: int) -> None:
-    a, b = TCDScheduler(timestep_spacing="trailing"), TCDScheduler()
-    a.set_timesteps(steps)
-    b.set_timesteps(steps)
-    assert torch.equal(a.timesteps, b.timesteps)
+@pytest.mark.parametrize("steps", [1, 2, 3, 4, 7, 8, 16, 50, 100])
+def test_trailing_is_ddims_trailing_selection(steps: int) -> None:
+    """timestep_spacing="trailing" ("TCD Trailing"): DDIM's trailing timesteps on the full grid."""
+    ours = TCDScheduler(timestep_spacing="trailing")
+    ours.set_timesteps(steps)
+    ddim = diffusers.DDIMScheduler(timestep_spacing="trailing")
+    ddim.set_timesteps(steps)
+    assert ours.timesteps.tolist() == ddim.timesteps.tolist()
+    if steps == 4:
+        assert ours.timesteps.tolist() == [999, 749, 499, 249]
+
+
+def test_trailing_with_strength_uses_the_lower_part_of_the_full_grid() -> None:
+    sched = TCDScheduler(timestep_spacing="trailing")
+    sched.set_timesteps(4, strength=0.5)
+    assert sched.timesteps.tolist() == [499, 374, 249, 124]
 
 
 def test_later_mode_parameters_are_documented_as_such() -> None:

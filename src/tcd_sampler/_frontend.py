@@ -12,6 +12,8 @@ import functools
 import inspect
 import logging
 import os
+import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Self
@@ -19,7 +21,18 @@ from typing import Any, ClassVar, Self
 import numpy as np
 import torch
 
-from .config import CONFIG_NAME, FrozenConfig, config_to_json, load_config_file, split_config
+from .config import (
+    CONFIG_NAME,
+    OWN_MARK,
+    UNAPPLIED_KEY,
+    FrozenConfig,
+    config_family,
+    config_to_json,
+    is_own_config,
+    load_config_file,
+    package_version,
+    split_config,
+)
 
 logger = logging.getLogger("tcd_sampler")
 
@@ -113,52 +126,117 @@ def _init_parameters(init: Callable[..., None]) -> tuple[tuple[str, inspect.Para
     return tuple((k, p) for k, p in inspect.signature(init).parameters.items() if k != "self")
 
 
-class StepOutput:
-    """What a scheduler's ``step`` returns: ``prev_sample``, ``pred_noised_sample`` (``x_s``) and
-    ``pred_original_sample`` (``x̂0``, computed on first read when the step itself did not need it).
+def _version(tensor: torch.Tensor) -> int | None:
+    """The in-place version counter of ``tensor``; None where torch keeps none (inference-mode tensors)."""
+    try:
+        return int(tensor._version)
+    except RuntimeError:
+        return None
 
-    Indexing, iteration and ``len`` follow ``to_tuple()``, the form ``step(..., return_dict=False)`` returns."""
 
-    _TUPLE_FIELDS: ClassVar[tuple[str, ...]] = ("prev_sample", "pred_noised_sample")
+def lazy_tensor(
+    compute: Callable[[], torch.Tensor], *inputs: torch.Tensor
+) -> torch.Tensor | Callable[[], torch.Tensor]:
+    """``compute`` deferred until first read, safe against the caller changing ``inputs`` in the meantime.
 
-    def __init__(
-        self,
-        prev_sample: torch.Tensor,
-        pred_noised_sample: torch.Tensor,
-        pred_original_sample: torch.Tensor | Callable[[], torch.Tensor],
-    ) -> None:
-        self.prev_sample = prev_sample
-        self.pred_noised_sample = pred_noised_sample
-        self._x0 = pred_original_sample
+    The deferred value is computed from ``inputs`` later, so it would be silently wrong if they were modified in
+    place first (a loop that writes the next latents into the same tensor, a CUDA graph replay). Their version
+    counters are recorded now and checked on read, which raises instead. Where a change cannot be detected (tensors
+    made under ``torch.inference_mode``, which keep no version counter, or while a CUDA graph is being captured), the
+    value is computed now."""
+    versions = [_version(t) for t in inputs]
+    capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    if capturing or any(v is None for v in versions):
+        return compute()
+
+    def checked() -> torch.Tensor:
+        if [_version(t) for t in inputs] != versions:
+            raise RuntimeError(
+                "pred_original_sample is computed on first read from step's inputs, which have been modified in "
+                "place since; read it before changing model_output or sample (or use fused_step=False)"
+            )
+        return compute()
+
+    return checked
+
+
+class StepOutput(OrderedDict[str, torch.Tensor]):
+    """What a scheduler's ``step`` returns, shaped like diffusers' ``BaseOutput``: an ordered mapping of the
+    reference's fields (``keys()``, ``values()``, ``out["prev_sample"]``), indexable like its tuple form
+    (``out[0]``, ``to_tuple()``, what ``step(..., return_dict=False)`` returns), each field also an attribute.
+
+    ``pred_original_sample`` (``x̂0``) is an extra attribute, not a key (the reference's outputs have none): it can be
+    read and assigned, and where the step itself did not need it, it is computed on first read."""
+
+    #: The reference's fields: the keys and the tuple form.
+    _FIELDS: ClassVar[tuple[str, ...]] = ("prev_sample", "pred_noised_sample")
+    #: Further attributes, besides ``pred_original_sample``, that are not keys.
+    _EXTRAS: ClassVar[tuple[str, ...]] = ()
+    _x0: torch.Tensor | Callable[[], torch.Tensor] | None
+
+    def __init__(self, *values: torch.Tensor, pred_original_sample: Any = None, **named: torch.Tensor) -> None:
+        super().__init__()
+        given = dict(zip(self._FIELDS, values, strict=False)) | named
+        if set(given) != set(self._FIELDS) | set(self._EXTRAS):
+            raise TypeError(
+                f"{type(self).__name__} takes the fields {self._FIELDS + self._EXTRAS}, got {sorted(given)}"
+            )
+        for key in self._FIELDS:
+            self[key] = given[key]
+        for key in self._EXTRAS:
+            object.__setattr__(self, key, given[key])
+        object.__setattr__(self, "_x0", pred_original_sample)
 
     @property
     def pred_original_sample(self) -> torch.Tensor:
         """``x̂0`` (after clipping/thresholding and the boundary condition, where configured)."""
-        if not isinstance(self._x0, torch.Tensor):
-            self._x0 = self._x0()
-        return self._x0
+        if callable(self._x0) and not isinstance(self._x0, torch.Tensor):
+            object.__setattr__(self, "_x0", self._x0())
+        return self._x0  # type: ignore[return-value]
 
-    def to_tuple(self) -> tuple[torch.Tensor, ...]:
-        """The tuple form of the output."""
-        return tuple(getattr(self, name) for name in self._TUPLE_FIELDS)
+    @pred_original_sample.setter
+    def pred_original_sample(self, value: torch.Tensor) -> None:
+        object.__setattr__(self, "_x0", value)
 
-    def keys(self) -> list[str]:
-        """Field names, as on diffusers' ``BaseOutput``."""
-        return ["prev_sample", "pred_noised_sample", "pred_original_sample"]
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in self._FIELDS:
+            super().__setitem__(name, value)
+        elif name != "pred_original_sample" and name not in self._EXTRAS:
+            raise AttributeError(f"{type(self).__name__} has no field {name!r}; its fields are {self._FIELDS}")
+        object.__setattr__(self, name, value)
 
-    def __getitem__(self, key: int | slice | str) -> Any:
+    def __setitem__(self, key: str, value: Any) -> None:
+        if key not in self._FIELDS:
+            raise KeyError(f"{type(self).__name__} has no field {key!r}; its fields are {self._FIELDS}")
+        super().__setitem__(key, value)
+        object.__setattr__(self, key, value)
+
+    def __getitem__(self, key: Any) -> Any:
         if isinstance(key, str):
-            return getattr(self, key)
+            return super().__getitem__(key)
         return self.to_tuple()[key]
 
-    def __iter__(self) -> Any:
-        return iter(self.to_tuple())
+    def _frozen(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError(f"the fields of a {type(self).__name__} can be assigned, not added or removed")
 
-    def __len__(self) -> int:
-        return len(self._TUPLE_FIELDS)
+    __delitem__ = pop = popitem = setdefault = update = clear = _frozen
+
+    def to_tuple(self) -> tuple[torch.Tensor, ...]:
+        """The tuple form of the output (the values of ``keys()``)."""
+        return tuple(OrderedDict.__getitem__(self, k) for k in self._FIELDS)
+
+    def __reduce__(self) -> Any:
+        extras = {k: getattr(self, k) for k in self._EXTRAS}
+        return (_rebuild_output, (type(self), self.to_tuple(), self.pred_original_sample, extras))
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({', '.join(self.keys())})"
+        return f"{type(self).__name__}({', '.join(self._FIELDS)}; {', '.join((*self._EXTRAS, 'pred_original_sample'))})"
+
+
+def _rebuild_output(
+    cls: type[StepOutput], values: tuple[torch.Tensor, ...], x0: torch.Tensor, extras: dict[str, torch.Tensor]
+) -> StepOutput:
+    return cls(*values, pred_original_sample=x0, **extras)
 
 
 class SchedulerFrontend:
@@ -175,13 +253,43 @@ class SchedulerFrontend:
     def _apply_config(self, config: Mapping[str, Any]) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def _defaults(self) -> dict[str, Any]:
-        return {k: p.default for k, p in self._signature().items()}
+    #: Parameters whose effect here would move the results away from the reference's when their value comes from
+    #: someone else's config (diffusers' TCDScheduler ignores them; SD/SDXL configs carry ``steps_offset=1``).
+    #: Such a value is kept in the config but not applied (listed under ``_tcd_sampler_unapplied``) unless the
+    #: caller passes the key explicitly or the config is one this package wrote.
+    _guarded_keys: ClassVar[tuple[str, ...]] = ()
+    #: A guarded key whose effect an explicitly passed parameter replaces (key → that parameter).
+    _overridden_by: ClassVar[dict[str, str]] = {}
+    #: The family of configs this class takes (:func:`config_family`), and the class to use for the other one.
+    _family: ClassVar[str] = "vp"
+    _other_family: ClassVar[str] = ""
+
+    @classmethod
+    def _defaults(cls) -> dict[str, Any]:
+        return {k: p.default for k, p in cls._signature().items()}
 
     def _init_config(self, config: dict[str, Any]) -> None:
         """Apply the constructor's arguments, noting which ones took their defaults (``_use_default_values``)."""
         explicit = getattr(self, "_explicit_keys", set(config))
         self._apply_config({**config, "_use_default_values": [k for k in config if k not in explicit]})
+
+    def _settle(self, config: Mapping[str, Any]) -> tuple[FrozenConfig, FrozenConfig]:
+        """The stored config (missing parameters take their defaults, marked as ours) and the active one, in which
+        the unapplied guarded keys have their defaults: the former is what ``config`` shows and saves, the latter
+        what the scheduler does."""
+        defaults = self._defaults()
+        c = {**defaults, **config}
+        listed = c.pop(UNAPPLIED_KEY, None) or ()
+        if isinstance(listed, str) or not all(k in self._guarded_keys for k in listed):
+            raise ValueError(f"{UNAPPLIED_KEY} must list keys of {self._guarded_keys}, got {listed!r}")
+        unapplied = sorted(k for k in set(listed) if c[k] != defaults[k])  # a default value changes nothing
+        if unapplied:
+            c[UNAPPLIED_KEY] = unapplied
+            used = [k for k in c.get("_use_default_values", ()) if k not in unapplied]
+            if "_use_default_values" in c:
+                c["_use_default_values"] = used
+        c[OWN_MARK] = package_version()
+        return FrozenConfig(c), FrozenConfig({**c, **{k: defaults[k] for k in unapplied}})
 
     @classmethod
     def _signature(cls) -> dict[str, inspect.Parameter]:
@@ -189,38 +297,83 @@ class SchedulerFrontend:
 
     @property
     def config(self) -> FrozenConfig:
-        """The read-only configuration (key and attribute access)."""
+        """The read-only configuration (key and attribute access).
+
+        It keeps every key it was given, also those of another scheduler's config and guarded values that are not
+        applied (listed under ``_tcd_sampler_unapplied``), so converting back to that scheduler loses nothing."""
         return self._config
 
-    #: Keys a replacement of ``_internal_dict`` does not change (see the setter).
-    _pipeline_protected_keys: ClassVar[tuple[str, ...]] = ()
+    def __getattr__(self, name: str) -> Any:
+        """Config keys as attributes (``scheduler.prediction_type``), deprecated as in diffusers: a FutureWarning."""
+        config = self.__dict__.get("_config")
+        if config is not None and not name.startswith("_") and name in config:
+            warnings.warn(
+                f"reading the config key {name!r} as an attribute of {type(self).__name__} is deprecated (as in "
+                f"diffusers); read scheduler.config.{name} instead",
+                FutureWarning,
+                stacklevel=2,
+            )
+            return config[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     @property
     def _internal_dict(self) -> FrozenConfig:
         """diffusers' name for the config. Only diffusers itself assigns it: pipelines replace it to patch legacy
         configs, e.g. the Stable Diffusion pipelines force ``steps_offset=1`` and ``clip_sample=False`` into any
-        scheduler. Keys in ``_pipeline_protected_keys`` are parameters with a real effect here that those patches
-        would silently change, so a replacement keeps their current values (change them with
-        ``register_to_config`` or ``from_config``); every other key is taken."""
+        scheduler. A replacement is someone else's config: a guarded key it changes is kept but not applied, and an
+        applied non-default value of one (which the caller chose) is not replaced; every other key is taken."""
         return self._config
 
     @_internal_dict.setter
     def _internal_dict(self, value: Mapping[str, Any]) -> None:
-        kept = {k: self._config[k] for k in self._pipeline_protected_keys if k in self._config}
-        declined = {k: value[k] for k in kept if k in value and value[k] != kept[k]}
-        if declined:
+        current, defaults = self._config, self._defaults()
+        unapplied = set(current.get(UNAPPLIED_KEY, ()))
+        merged = dict(value)
+        declined, ignored = {}, {}
+        for key in self._guarded_keys:
+            if key not in value or value[key] == current[key]:
+                continue
+            if key not in unapplied and current[key] != defaults[key]:
+                merged[key] = current[key]
+                declined[key] = value[key]
+            else:
+                unapplied.add(key)
+                ignored[key] = value[key]
+        if declined or ignored:
             logger.info(
-                "%s keeps %s: a replaced config (a diffusers pipeline's legacy patch) asked for %s; "
-                "use register_to_config to change them",
+                "%s: a replaced config (a diffusers pipeline's legacy patch) asked for %s; keeping %s and not "
+                "applying the rest, so results do not move; use register_to_config to change them",
                 type(self).__name__,
-                kept,
-                declined,
+                {**declined, **ignored},
+                {k: current[k] for k in declined} or "the results",
             )
-        self._apply_config({**value, **kept})
+        self._apply_config({**merged, UNAPPLIED_KEY: sorted(unapplied)})
 
     def register_to_config(self, **kwargs: Any) -> None:
-        """Update config keys (diffusers' API); the schedule is rebuilt and must be set again."""
-        self._apply_config({**self._config, **kwargs})
+        """Update config keys (diffusers' API); the schedule is rebuilt and must be set again. The keys given are
+        explicit, so they are applied."""
+        unapplied = self._still_unapplied(self._config.get(UNAPPLIED_KEY, ()), self._config, kwargs)
+        self._apply_config({**self._config, **kwargs, UNAPPLIED_KEY: unapplied})
+
+    @classmethod
+    def _still_unapplied(cls, candidates: Any, config: Mapping[str, Any], explicit: Mapping[str, Any]) -> list[str]:
+        """The guarded keys of ``config`` that stay unapplied given the ``explicit`` parameters: the candidates not
+        passed explicitly, plus those whose effect an explicit parameter replaces (:attr:`_overridden_by`)."""
+        keys = {k for k in candidates if k not in explicit}
+        keys |= {k for k, by in cls._overridden_by.items() if by in explicit and k not in explicit}
+        defaults = cls._defaults()
+        return sorted(k for k in keys if k in config and config[k] != defaults[k])
+
+    @classmethod
+    def _check_family(cls, config: Mapping[str, Any]) -> None:
+        family = config_family(config)
+        if family is not None and family != cls._family:
+            kind = "a flow-matching" if family == "flow" else "a discrete-time (beta schedule)"
+            source = config.get("_class_name", "this")
+            raise ValueError(
+                f"{source} config is {kind} scheduler config, which {cls.__name__} cannot run; use "
+                f"{cls._other_family}.from_config(config) instead"
+            )
 
     @classmethod
     def from_config(
@@ -230,23 +383,54 @@ class SchedulerFrontend:
 
         Args:
             config: a scheduler config (diffusers' or ours). Keys listed in its ``_use_default_values`` take our
-                defaults; keys we do not know are kept in our config, so converting back loses nothing.
+                defaults; keys we do not know are kept in our config, so converting back loses nothing. In a config
+                this package did not write, the guarded keys (see the class docs) are kept but not applied, so the
+                results stay the reference's; an INFO log line names them.
             return_unused_kwargs: return ``(scheduler, unused)`` where ``unused`` holds the ``kwargs`` that are not
                 constructor parameters, instead of rejecting them. Default False.
-            **kwargs: constructor parameters overriding the config.
+            **kwargs: constructor parameters overriding the config; they are always applied.
         """
         params = cls._signature()
         init, extras = split_config(config, params, cls.__name__)
+        cls._check_family(config)
         unused = {k: v for k, v in kwargs.items() if k not in params}
         if unused and not return_unused_kwargs:
             raise TypeError(
                 f"{cls.__name__}.from_config got unknown parameters {sorted(unused)}; accepted: {sorted(params)}"
             )
         overrides = {k: v for k, v in kwargs.items() if k in params}
-        scheduler = cls(**{**init, **overrides})
-        if extras:
-            scheduler._apply_config({**scheduler._config, **extras})
+        candidates = config.get(UNAPPLIED_KEY, ()) if is_own_config(config) else cls._guarded_keys
+        unapplied = cls._still_unapplied(candidates, init, overrides)
+        extras.pop(UNAPPLIED_KEY, None)
+        # unapplied keys are added after construction, so that the constructor sees only what applies
+        scheduler = cls(**{k: v for k, v in {**init, **overrides}.items() if k not in unapplied})
+        if extras or unapplied:
+            later = {k: init[k] for k in unapplied}
+            # another scheduler's keys that its config marked as defaults stay marked (so converting back gives
+            # that scheduler its defaults, not fixed choices)
+            carried = [k for k in config.get("_use_default_values", ()) if k in extras]
+            used = [k for k in scheduler._config.get("_use_default_values", ()) if k not in later] + carried
+            scheduler._apply_config(
+                {**scheduler._config, **extras, **later, UNAPPLIED_KEY: unapplied, "_use_default_values": used}
+            )
+        if unapplied:
+            given = ", ".join(f"{k}={init[k]!r}" for k in unapplied)
+            logger.info(
+                "%s: not applying %s from the %s config, which would move the results away from %s; pass %s "
+                "explicitly (%s.from_config(config, %s)) to apply %s",
+                cls.__name__,
+                given,
+                config.get("_class_name", "given"),
+                cls._reference,
+                "it" if len(unapplied) == 1 else "them",
+                cls.__name__,
+                given,
+                "it" if len(unapplied) == 1 else "them",
+            )
         return (scheduler, unused) if return_unused_kwargs else scheduler
+
+    #: What results a guarded key would move away from (for the log line of :meth:`from_config`).
+    _reference: ClassVar[str] = "the reference's"
 
     @classmethod
     def from_pretrained(
@@ -320,15 +504,11 @@ class SchedulerFrontend:
         """Identity: TCD feeds the model the unscaled sample. Kept for interchangeability."""
         return sample
 
-    def _start_index(self, timestep: Any) -> int:
-        """The step index a loop starts from: ``begin_index`` if a pipeline set it, else the timestep's position.
-
-        A loop over ``self.timesteps`` (or a slice of it, as img2img pipelines take) hands back views of that tensor,
-        whose position is read from the view's storage offset: no device value is read. Anything else is looked up
-        by value, which reads it once (a host sync for a device tensor)."""
-        if self._begin_index is not None:
-            return self._begin_index
-        schedule = self.timesteps  # type: ignore[attr-defined]
+    def _schedule_position(self, timestep: Any) -> int | None:
+        """The position in ``self.timesteps`` of a timestep that is a view of it (what a loop over
+        ``scheduler.timesteps``, or a slice of it, hands back), read from the view's storage offset: no device value
+        is read. None for anything else."""
+        schedule: torch.Tensor = getattr(self, "timesteps")  # noqa: B009 - defined by the subclasses
         if (
             isinstance(timestep, torch.Tensor)
             and timestep.ndim == 0
@@ -336,15 +516,48 @@ class SchedulerFrontend:
             and timestep.dtype == schedule.dtype
             and timestep.untyped_storage().data_ptr() == schedule.untyped_storage().data_ptr()
         ):
-            offset = timestep.storage_offset() - schedule.storage_offset()
+            offset = int(timestep.storage_offset()) - int(schedule.storage_offset())
             index, rest = divmod(offset, schedule.stride(0)) if schedule.stride(0) else (-1, 1)
             if rest == 0 and 0 <= index < len(schedule):
                 return int(index)
-        return self.index_for_timestep(timestep)
+        return None
+
+    def _start_index(self, timestep: Any) -> int:
+        """The step index a loop starts from: ``begin_index`` if a pipeline set it, else the timestep's position
+        (:meth:`_schedule_position` for a view of the schedule; anything else is looked up by value, which reads it
+        once: a host sync for a device tensor)."""
+        if self._begin_index is not None:
+            return self._begin_index
+        position = self._schedule_position(timestep)
+        return self.index_for_timestep(timestep) if position is None else position
+
+    def _check_timestep(self, timestep: Any, index: int) -> None:
+        """Raise if ``timestep`` is not the schedule's timestep at ``index``, wherever that is known without reading
+        a device value: a Python or numpy number, a CPU tensor, a view of the schedule."""
+        expected = self._timesteps_host[index]
+        if isinstance(timestep, torch.Tensor):
+            position = self._schedule_position(timestep)
+            if position is not None:
+                ok = position == index
+                given: Any = self._timesteps_host[position]
+            elif timestep.device.type == "cpu" and timestep.numel():
+                ok = bool((timestep == expected).all())
+                given = timestep.reshape(-1)[0].item() if timestep.numel() == 1 else timestep.tolist()
+            else:
+                return  # a device tensor: reading it would sync; its position was checked on the first step
+        else:
+            given = timestep
+            ok = float(timestep) == expected
+        if not ok:
+            raise ValueError(
+                f"step got timestep {given}, but step {index} of the schedule is at {expected}: steps must follow "
+                "scheduler.timesteps in order (set_timesteps starts a new loop, set_begin_index a loop inside it)"
+            )
 
     @staticmethod
-    def _check_step_inputs(model_output: Any, sample: Any, generator: Any = None) -> None:
-        """``step``'s arguments: floating-point tensors of one shape; a generator, or one per batch item."""
+    def _check_step_inputs(model_output: Any, timestep: Any, sample: Any, generator: Any = None) -> None:
+        """``step``'s arguments: floating-point tensors of one shape; a number or tensor timestep; a generator, or
+        one per batch item."""
         check_float_tensor("model_output", model_output)
         check_float_tensor("sample", sample)
         if model_output.shape != sample.shape:
@@ -352,10 +565,15 @@ class SchedulerFrontend:
                 f"model_output and sample must have the same shape, got {tuple(model_output.shape)} and "
                 f"{tuple(sample.shape)}"
             )
+        if isinstance(timestep, (bool, np.bool_)) or not isinstance(
+            timestep, (int, float, np.integer, np.floating, torch.Tensor)
+        ):
+            raise TypeError(f"timestep must be a number or a tensor, got {type(timestep).__name__} {timestep!r}")
         check_generator(generator, sample.shape[0] if sample.ndim else 1)
 
     def _advance(self, timestep: Any, steps: int) -> int:
-        """The index of the step being taken (``steps`` in the schedule); moves the counter past it."""
+        """The index of the step being taken (``steps`` in the schedule); checks ``timestep`` against it (see
+        :meth:`_check_timestep`) and moves the counter past it."""
         if self._step_index is None:
             self._step_index = self._start_index(timestep)
         i = self._step_index
@@ -364,8 +582,58 @@ class SchedulerFrontend:
                 f"step was called {i + 1} times but the schedule has {steps} steps; call set_timesteps again "
                 "before a new loop"
             )
+        self._check_timestep(timestep, i)
         self._step_index = i + 1
         return i
+
+    def _init_step_index(self, timestep: Any) -> None:
+        """Place the counter at ``timestep`` (diffusers' private hook, which some pipelines call)."""
+        self._step_index = self._start_index(timestep)
+
+    # ------------------------------------------------------------- step noise
+
+    #: The generator ``step`` draws its noise from when it is given none. Default None.
+    generator: torch.Generator | list[torch.Generator] | None = None
+    _noise_seed: int | None = None
+    _seeded_generator: torch.Generator | None = None
+    _warned_global_rng: bool = False
+
+    @property
+    def noise_seed(self) -> int | None:
+        """A seed for the step noise of every loop: when set, each ``set_timesteps`` (each pipeline call) starts a
+        fresh CPU generator from it, used when ``step`` is given no generator and :attr:`generator` is None. This is
+        what makes pipelines that never pass their generator to ``step`` (SD3, FLUX) reproducible:
+        ``pipe.scheduler.noise_seed = 0``. Default None."""
+        return self._noise_seed
+
+    @noise_seed.setter
+    def noise_seed(self, seed: int | None) -> None:
+        self._noise_seed = None if seed is None else check_int("noise_seed", seed, 0)
+        self._restart_noise()
+
+    def _restart_noise(self) -> None:
+        """A new loop: the seeded generator starts again, and the global-RNG warning may fire once more."""
+        self._seeded_generator = None if self._noise_seed is None else torch.Generator().manual_seed(self._noise_seed)
+        self._warned_global_rng = False
+
+    def _noise_generator(self, generator: Any) -> Any:
+        """The generator a step that draws noise uses: the one passed, else :attr:`generator`, else the
+        :attr:`noise_seed` one; with none of them, torch's global RNG, with one warning per loop."""
+        if generator is not None:
+            return generator
+        if self.generator is not None:
+            return self.generator
+        if self._seeded_generator is not None:
+            return self._seeded_generator
+        if not self._warned_global_rng:
+            self._warned_global_rng = True
+            logger.warning(
+                "%s.step draws its noise from torch's global RNG (no generator given), so results are not "
+                "reproducible; pass generator= to step, or set scheduler.noise_seed = <int> (pipelines that do not "
+                "pass their generator to step, like SD3 and FLUX, need this)",
+                type(self).__name__,
+            )
+        return None
 
     def __len__(self) -> int:
         return int(self._config["num_train_timesteps"])

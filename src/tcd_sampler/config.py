@@ -17,7 +17,17 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["CONFIG_NAME", "FrozenConfig", "config_to_json", "load_config_file", "split_config"]
+__all__ = [
+    "CONFIG_NAME",
+    "OWN_MARK",
+    "UNAPPLIED_KEY",
+    "FrozenConfig",
+    "config_family",
+    "config_to_json",
+    "is_own_config",
+    "load_config_file",
+    "split_config",
+]
 
 logger = logging.getLogger("tcd_sampler")
 
@@ -26,6 +36,48 @@ CONFIG_NAME = "scheduler_config.json"
 
 #: The diffusers release whose config format and numbers this package reproduces.
 REFERENCE_DIFFUSERS_VERSION = "0.42.1"
+
+#: Private key that marks a config this package wrote (its value: the package version). diffusers' ``TCDScheduler``
+#: and ours share a class name, so the mark is what tells a saved config of ours from one of diffusers'.
+OWN_MARK = "_tcd_sampler_version"
+
+#: Private key listing the keys whose values a config keeps but does not apply (they came from someone else's
+#: config; see ``SchedulerFrontend``).
+UNAPPLIED_KEY = "_tcd_sampler_unapplied"
+
+#: Class-name fragments of diffusers' flow-matching schedulers.
+_FLOW_CLASSES = ("FlowMatch",)
+
+#: Keys only discrete-VP (beta-schedule) configs carry.
+_VP_KEYS = ("beta_start", "beta_end", "beta_schedule", "trained_betas")
+
+
+def package_version() -> str:
+    """This package's version (``0+unknown`` when it runs from a source tree that is not installed)."""
+    try:
+        return metadata.version("tcd-sampler")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def is_own_config(config: Mapping[str, Any]) -> bool:
+    """Whether ``config`` was written by this package (it carries :data:`OWN_MARK`)."""
+    return OWN_MARK in config
+
+
+def config_family(config: Mapping[str, Any]) -> str | None:
+    """``"flow"`` for a flow-matching scheduler config, ``"vp"`` for a discrete VP (beta-schedule) one, None when
+    the config does not say (no class name and none of the tell-tale keys)."""
+    name = str(config.get("_class_name", ""))
+    if (
+        any(f in name for f in _FLOW_CLASSES)
+        or config.get("use_flow_sigmas")
+        or (config.get("prediction_type") == "flow_prediction")
+    ):
+        return "flow"
+    if any(k in config for k in _VP_KEYS):
+        return "vp"
+    return None
 
 
 class FrozenConfig(dict):
@@ -79,6 +131,7 @@ def config_to_json(config: Mapping[str, Any], class_name: str) -> str:
     out = {k: _json_value(v) for k, v in config.items() if k != "_use_default_values"}
     out["_class_name"] = class_name
     out["_diffusers_version"] = _diffusers_version()
+    out[OWN_MARK] = package_version()
     return json.dumps(out, indent=2, sort_keys=True) + "\n"
 
 
@@ -125,9 +178,10 @@ def split_config(
     """Split a config into constructor arguments and the keys to keep alongside them.
 
     Keys listed in the config's ``_use_default_values`` are dropped, so our defaults apply to them, as diffusers
-    does. Unknown keys are kept (returned as extras); a warning names them when the config claims to be ours (or
-    names no class), since there they are probably typos. Private keys other than ``_use_default_values`` are kept,
-    with ``_class_name`` rewritten to ours.
+    does. Unknown keys are kept (returned as extras): a warning names them when the config claims to be ours (or
+    names no class), since there they are probably typos; another scheduler's keys (``use_karras_sigmas``,
+    ``interpolation_type`` …) are expected and only logged at DEBUG level. Private keys other than
+    ``_use_default_values`` are kept, with ``_class_name`` rewritten to ours.
     """
     if not isinstance(config, Mapping):
         raise TypeError(f"config must be a mapping (e.g. `scheduler.config`), got {type(config).__name__}")
@@ -153,5 +207,5 @@ def split_config(
                 "config keys %s are not parameters of %s; they are kept but have no effect", unknown, class_name
             )
         else:
-            logger.info("keeping %s keys %s that %s does not use", source, unknown, class_name)
+            logger.debug("keeping %s keys %s that %s does not use", source, unknown, class_name)
     return init, extras

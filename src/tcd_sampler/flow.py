@@ -25,11 +25,12 @@ from ._frontend import (
     check_bool,
     check_choice,
     check_float_tensor,
+    check_generator,
     check_int,
     check_number,
+    lazy_tensor,
     record_explicit_keys,
 )
-from .config import FrozenConfig
 from .sampling import tcd_table
 from .step import FLOW, StepTable, draw_noise, flow_x0, tcd_step
 
@@ -46,10 +47,12 @@ class FlowMatchTCDSchedulerOutput(StepOutput):
         pred_noised_sample: ``x_s``, the denoised estimate carried to ``σ_s = (1 − γ)·σ_next``.
         pred_original_sample: ``x̂0 = x − σ·u``, computed when first read (the step does not need it).
 
-    The tuple form (``return_dict=False``) is ``(prev_sample,)``, as diffusers' flow schedulers return.
+    As diffusers' flow schedulers, its one key and its tuple form (``return_dict=False``) are ``prev_sample``; the
+    other two are attributes.
     """
 
-    _TUPLE_FIELDS = ("prev_sample",)
+    _FIELDS = ("prev_sample",)
+    _EXTRAS = ("pred_noised_sample",)
 
 
 class FlowMatchTCDScheduler(SchedulerFrontend):
@@ -68,10 +71,22 @@ class FlowMatchTCDScheduler(SchedulerFrontend):
         use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas: respace the sigmas (at most one; beta needs
             scipy). Default False.
         time_shift_type: ``"exponential"`` (default) or ``"linear"`` form of the dynamic shift.
-        stochastic_sampling: diffusers' name for ``gamma = 1``; when True it overrides ``gamma``. Default False.
+        stochastic_sampling: diffusers' name for ``gamma = 1``; when True it means ``gamma = 1`` (passing both it and
+            a ``gamma`` other than 1 is an error). From someone else's config (a ``FlowMatchEulerDiscreteScheduler``
+            config that has it), it is kept but not applied unless passed explicitly, and an explicit ``gamma``
+            always wins over it (an INFO log line says so). Default False.
         gamma: TCD's stochasticity in [0, 1]: 0 is the Euler step, 1 is fully stochastic (consistency) sampling.
             ``step(gamma=…)`` overrides it for one call. Default 0.3.
+
+    Flow pipelines never pass a generator to ``step``: set :attr:`noise_seed` (one line,
+    ``pipe.scheduler.noise_seed = 0``) for reproducible images, or :attr:`generator`.
     """
+
+    _guarded_keys = ("stochastic_sampling",)
+    _overridden_by = {"stochastic_sampling": "gamma"}  # noqa: RUF012 - a ClassVar of the base
+    _family = "flow"
+    _other_family = "TCDScheduler"
+    _reference = "the gamma this scheduler is given"
 
     @record_explicit_keys
     def __init__(
@@ -92,13 +107,17 @@ class FlowMatchTCDScheduler(SchedulerFrontend):
         stochastic_sampling: bool = False,
         gamma: float = 0.3,
     ) -> None:
-        self.generator: torch.Generator | list[torch.Generator] | None = None
-        self._init_config({k: v for k, v in locals().items() if k not in ("self", "__class__")})
+        explicit: set[str] = getattr(self, "_explicit_keys", set())
+        if stochastic_sampling is True and gamma != 1.0 and {"stochastic_sampling", "gamma"} <= explicit:
+            raise ValueError(
+                f"stochastic_sampling=True means gamma=1, but gamma={gamma} was passed too; pass one of them"
+            )
+        self._init_config({k: v for k, v in locals().items() if k not in ("self", "__class__", "explicit")})
 
     # ------------------------------------------------------------------ config
 
     def _apply_config(self, config: Mapping[str, Any]) -> None:
-        c = FrozenConfig({**self._defaults(), **config})
+        c, active = self._settle(config)
         T = check_int("num_train_timesteps", c["num_train_timesteps"], 1)
         check_number("shift", c["shift"], 0.0, math.inf, low_open=True)
         for name in ("use_dynamic_shifting", "invert_sigmas", "use_karras_sigmas", "use_exponential_sigmas",
@@ -113,6 +132,7 @@ class FlowMatchTCDScheduler(SchedulerFrontend):
         if sum(bool(c[k]) for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")) > 1:
             raise ValueError("use at most one of use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas")
         self._config = c
+        self._active = active
         self._shift = float(c["shift"])
         timesteps = torch.from_numpy(np.linspace(1, T, T, dtype=np.float32)[::-1].copy())
         sigmas = timesteps / T
@@ -137,7 +157,7 @@ class FlowMatchTCDScheduler(SchedulerFrontend):
     @property
     def gamma(self) -> float:
         """The stochasticity a ``step`` without ``gamma`` uses: 1 with ``stochastic_sampling``, else the config's."""
-        return 1.0 if self._config["stochastic_sampling"] else float(self._config["gamma"])
+        return 1.0 if self._active["stochastic_sampling"] else float(self._config["gamma"])
 
     def mu_for(self, image_seq_len: int) -> float:
         """The dynamic shift ``mu`` for a latent of ``image_seq_len`` tokens, interpolated linearly between
@@ -160,11 +180,46 @@ class FlowMatchTCDScheduler(SchedulerFrontend):
     # ---------------------------------------------------------------- schedule
 
     def _set_schedule(self, timesteps: torch.Tensor, sigmas: torch.Tensor) -> None:
-        self.timesteps = timesteps
-        self.sigmas = sigmas
+        self._timesteps = timesteps
+        self._sigmas = sigmas
         self._timesteps_host = tuple(timesteps.tolist())
         self._sigmas_host = tuple(sigmas.tolist())
         self._tables: dict[float, StepTable] = {}
+
+    @property
+    def timesteps(self) -> torch.Tensor:
+        """The loop's timesteps ``σ·T`` (float32, on the device given to ``set_timesteps``)."""
+        return self._timesteps
+
+    @timesteps.setter
+    def timesteps(self, value: torch.Tensor | Sequence[float]) -> None:
+        """Assigning timesteps sets the sigmas to ``timesteps / T`` (ending at the clean end): everything the step
+        reads follows, and the next step starts a new loop."""
+        t = torch.as_tensor(value, dtype=torch.float32)
+        T = float(self._config["num_train_timesteps"])
+        self._check_values("timesteps", t.cpu().numpy(), 0.0, T, descending=not self._config["invert_sigmas"])
+        end = torch.ones(1) if self._config["invert_sigmas"] else torch.zeros(1)
+        self._replace_schedule(t, torch.cat([t.cpu() / T, end]).to(t.device))
+
+    @property
+    def sigmas(self) -> torch.Tensor:
+        """The loop's sigmas, one more than the timesteps (the last is the clean end: 0, or 1 with
+        ``invert_sigmas``)."""
+        return self._sigmas
+
+    @sigmas.setter
+    def sigmas(self, value: torch.Tensor | Sequence[float]) -> None:
+        """Assigning sigmas (with the clean end, as :attr:`sigmas` holds them) sets the timesteps to ``σ·T``."""
+        sig = torch.as_tensor(value, dtype=torch.float32)
+        self._check_values("sigmas", sig.cpu().numpy(), 0.0, 1.0, descending=not self._config["invert_sigmas"])
+        if len(sig) < 2:
+            raise ValueError("sigmas must hold at least one step and the clean end")
+        self._replace_schedule(sig[:-1] * self._config["num_train_timesteps"], sig)
+
+    def _replace_schedule(self, timesteps: torch.Tensor, sigmas: torch.Tensor) -> None:
+        self._set_schedule(timesteps, sigmas)
+        self.num_inference_steps = len(timesteps)
+        self._step_index = None
 
     def set_timesteps(
         self,
@@ -229,16 +284,20 @@ class FlowMatchTCDScheduler(SchedulerFrontend):
         self.num_inference_steps = num_inference_steps
         self._step_index = None
         self._begin_index = None
+        self._restart_noise()
 
     @staticmethod
-    def _check_values(name: str, values: Sequence[float] | np.ndarray, low: float, high: float) -> np.ndarray:
+    def _check_values(
+        name: str, values: Sequence[float] | np.ndarray, low: float, high: float, descending: bool = True
+    ) -> np.ndarray:
         arr = np.array(values, dtype=np.float32, copy=True)  # never alias the caller's array
         if arr.ndim != 1 or arr.size == 0:
             raise ValueError(f"{name} must be a non-empty 1-D sequence, got shape {arr.shape}")
         if not np.all(np.isfinite(arr)) or arr.min() < low or arr.max() > high:
             raise ValueError(f"{name} must lie in [{low}, {high}], got {arr.min()} … {arr.max()}")
-        if np.any(np.diff(arr) >= 0):
-            raise ValueError(f"{name} must be strictly descending, got {arr.tolist()}")
+        if np.any(np.diff(arr) >= 0 if descending else np.diff(arr) <= 0):
+            order = "descending" if descending else "ascending (invert_sigmas)"
+            raise ValueError(f"{name} must be strictly {order}, got {arr.tolist()}")
         return arr
 
     def _respace(self, sig: np.ndarray, n: int) -> np.ndarray:
@@ -296,22 +355,24 @@ class FlowMatchTCDScheduler(SchedulerFrontend):
             return_dict: return a :class:`FlowMatchTCDSchedulerOutput` (default) or ``(prev_sample,)``.
             gamma: override the configured stochasticity for this call.
         """
+        self._check_step_inputs(model_output, timestep, sample, generator)
         table = self.step_table(gamma)
-        chosen = generator if generator is not None else self.generator
-        self._check_step_inputs(model_output, sample, chosen)
         i = self._advance(timestep, len(table))
         row = table.rows[i]
         velocity = -model_output if self._config["invert_sigmas"] else model_output
         x = sample.to(torch.float32)
         noise = None
         if row.draws_noise:
+            chosen = self._noise_generator(generator)
+            check_generator(chosen, x.shape[0] if x.ndim else 1)
             noise = draw_noise(x.shape, chosen, x.device, x.dtype)
         u = velocity.to(torch.float32)
         prev, x_s, _ = tcd_step(u, x, row, FLOW, noise)
         dtype = model_output.dtype
         if not return_dict:
             return (prev.to(dtype),)
-        return FlowMatchTCDSchedulerOutput(prev.to(dtype), x_s.to(dtype), lambda: flow_x0(u, x, row.sigma_t).to(dtype))
+        x0 = lazy_tensor(lambda: flow_x0(u, x, row.sigma_t).to(dtype), u, x)
+        return FlowMatchTCDSchedulerOutput(prev.to(dtype), pred_noised_sample=x_s.to(dtype), pred_original_sample=x0)
 
     # ------------------------------------------------------------ forward path
 

@@ -20,11 +20,12 @@ from ._frontend import (
     check_bool,
     check_choice,
     check_float_tensor,
+    check_generator,
     check_int,
     check_number,
+    lazy_tensor,
     record_explicit_keys,
 )
-from .config import FrozenConfig
 from .paths import BETA_SCHEDULES, VPDiscretePath, make_betas, rescale_zero_terminal_snr
 from .step import (
     PREDICTION_TYPES,
@@ -36,6 +37,7 @@ from .step import (
     draw_noise,
     dynamic_threshold_x0,
     fold_row,
+    fused_x0,
     linear_step,
     tcd_step,
     working_dtype,
@@ -58,8 +60,9 @@ class TCDSchedulerOutput(StepOutput):
         pred_noised_sample: ``x_s``, the denoised estimate carried to time ``s``.
         pred_original_sample: ``x̂0`` after clipping/thresholding (with ``fused_step``, computed when first read).
 
-    As in diffusers, the tuple form (``to_tuple()``, ``step(..., return_dict=False)``) is
-    ``(prev_sample, pred_noised_sample)``; indexing and iteration follow it.
+    As diffusers' ``TCDSchedulerOutput``: a mapping whose keys are ``prev_sample`` and ``pred_noised_sample``, and
+    whose tuple form (``to_tuple()``, ``out[0]``, ``step(..., return_dict=False)``) is the pair of them;
+    ``pred_original_sample`` is an extra attribute (readable and assignable, as InvokeAI's inpainting does).
     """
 
 
@@ -69,6 +72,17 @@ class TCDScheduler(SchedulerFrontend):
     A drop-in replacement for diffusers' ``TCDScheduler``: same constructor, config files, ``set_timesteps`` and
     ``step`` signatures, and the same numbers in the default configuration, given the same ``torch.Generator``.
     Unlike the reference, every parameter below has an effect.
+
+    **Keys from someone else's config.** ``steps_offset``, ``set_alpha_to_one``, ``timestep_spacing``,
+    ``clip_sample`` and ``thresholding`` do nothing in diffusers' ``TCDScheduler`` (and ``set_alpha_to_one`` nothing in
+    its ``LCMScheduler``), and stock configs carry values of them meant for other schedulers (SD/SDXL:
+    ``steps_offset=1``; SD1.5: ``set_alpha_to_one=False``). So they take effect only when passed explicitly (to the
+    constructor, ``from_config(config, key=value)`` or ``register_to_config``) or when they come from a config this
+    package saved. Otherwise the value is kept in ``config`` (and listed under ``_tcd_sampler_unapplied``) but the
+    scheduler behaves as the reference, and an INFO log line says so:
+    ``TCDScheduler.from_config(pipe.scheduler.config)`` gives diffusers' TCD numbers for every SD/SDXL model. This
+    holds for the constructor, ``from_config``, ``from_pretrained`` and the pipelines' replacement of
+    ``_internal_dict``.
 
     Args:
         num_train_timesteps: T, the number of timesteps the model was trained with. Default 1000.
@@ -84,18 +98,16 @@ class TCDScheduler(SchedulerFrontend):
         set_alpha_to_one: in the consistency-boundary mode, whether the clean endpoint (a target ``s = 0``) has
             ``ᾱ = 1`` (True) or ``ᾱ_0``; plain TCD always targets ``ᾱ_0`` at ``s = 0``, as the reference. Default True.
         steps_offset: shifts every point of the schedule grid up by this many timesteps (clamped to ``T − 1``), as
-            diffusers' DDIM does for ``leading`` spacing. Default 0. The Stable Diffusion pipelines' legacy patch
-            (which forces 1 into any scheduler) is declined, but SD/SDXL ``scheduler_config.json`` files carry 1,
-            so ``from_config(pipe.scheduler.config)`` shifts the schedule one timestep off the grid the TCD LoRAs
-            were distilled on (a warning says so); pass ``steps_offset=0`` there for diffusers' TCD numbers.
+            diffusers' DDIM does for ``leading`` spacing (not with ``trailing``). Default 0.
         prediction_type: what the model predicts: ``"epsilon"`` (default), ``"sample"`` or ``"v_prediction"``.
         thresholding: dynamic thresholding of ``x̂0`` (Imagen) before ``x_s`` is formed; takes precedence over
             ``clip_sample``. Unsuitable for latent models. Default False.
         dynamic_thresholding_ratio: the quantile of ``|x̂0|`` used as the threshold. Default 0.995.
         sample_max_value: upper bound of the dynamic threshold. Default 1.0.
-        timestep_spacing: how ``num_inference_steps`` timesteps are taken from the grid: ``"leading"`` (default) and
-            ``"trailing"`` take indices ``⌊i·len/n⌋`` from the top (TCD's selection); ``"linspace"`` spreads them
-            evenly with the highest and lowest grid points included.
+        timestep_spacing: how ``num_inference_steps`` timesteps are taken: ``"leading"`` (default) takes indices
+            ``⌊i·len/n⌋`` of the distillation grid from the top (TCD's selection); ``"trailing"`` is DDIM's trailing
+            selection on the full grid (``[999, 749, 499, 249]`` for 4 steps, what Draw Things calls "TCD
+            Trailing"); ``"linspace"`` spreads them evenly over the distillation grid with both ends included.
         timestep_scaling: ``k`` in the consistency boundary condition of the consistency-boundary mode,
             ``c_skip = σ_d²/((k·t)² + σ_d²)``, ``c_out = k·t/√((k·t)² + σ_d²)``, ``σ_d = 0.5``; not used by plain
             TCD. Default 10.0.
@@ -114,7 +126,9 @@ class TCDScheduler(SchedulerFrontend):
             Ignored while clipping or thresholding is on. Not a diffusers parameter. Default False.
     """
 
-    _pipeline_protected_keys = ("steps_offset", "clip_sample")
+    _guarded_keys = ("steps_offset", "set_alpha_to_one", "timestep_spacing", "clip_sample", "thresholding")
+    _other_family = "FlowMatchTCDScheduler"
+    _reference = "diffusers' TCDScheduler (and LCMScheduler in the consistency-boundary mode)"
 
     @record_explicit_keys
     def __init__(
@@ -146,7 +160,7 @@ class TCDScheduler(SchedulerFrontend):
 
     def _apply_config(self, config: Mapping[str, Any]) -> None:
         """Validate a config (missing parameters take their defaults), build the path, and reset the schedule."""
-        c = FrozenConfig({**self._defaults(), **config})
+        c, active = self._settle(config)
         for name in (
             "clip_sample",
             "set_alpha_to_one",
@@ -163,7 +177,7 @@ class TCDScheduler(SchedulerFrontend):
         check_int("steps_offset", c["steps_offset"], 0, T - 1)
         check_number("clip_sample_range", c["clip_sample_range"], 0.0, float("inf"), low_open=True)
         check_number("dynamic_thresholding_ratio", c["dynamic_thresholding_ratio"], 0.0, 1.0)
-        check_number("sample_max_value", c["sample_max_value"], 1.0, float("inf"))
+        check_number("sample_max_value", c["sample_max_value"], 0.0, float("inf"), low_open=True)
         check_number("timestep_scaling", c["timestep_scaling"], 0.0, float("inf"), low_open=True)
         check_number("eta", c["eta"], 0.0, 1.0)
         if c["trained_betas"] is None:
@@ -178,11 +192,12 @@ class TCDScheduler(SchedulerFrontend):
         if c["rescale_betas_zero_snr"]:
             betas = rescale_zero_terminal_snr(betas)
         self._config = c
+        self._active = active
         self._path = VPDiscretePath.from_betas(betas)
         self.betas = self._path.betas
         self.alphas = 1.0 - self.betas
         self.alphas_cumprod = self._path.alphas_cumprod
-        self.final_alpha_cumprod = torch.tensor(1.0) if c["set_alpha_to_one"] else self.alphas_cumprod[0]
+        self.final_alpha_cumprod = torch.tensor(1.0) if active["set_alpha_to_one"] else self.alphas_cumprod[0]
         self._zero_snr_timesteps = frozenset(np.flatnonzero(self.alphas_cumprod.numpy() == 0).tolist())
         self._noise_tables: dict[tuple[str, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
         self._x0_transform = self._make_x0_transform()
@@ -193,28 +208,8 @@ class TCDScheduler(SchedulerFrontend):
         self._step_index: int | None = None
         self._begin_index: int | None = None
 
-    @classmethod
-    def from_config(
-        cls, config: Mapping[str, Any], return_unused_kwargs: bool = False, **kwargs: Any
-    ) -> TCDScheduler | tuple[TCDScheduler, dict[str, Any]]:
-        """As :meth:`SchedulerFrontend.from_config`; warns when another scheduler's config brings a ``steps_offset``
-        (SD/SDXL configs carry 1 for DDIM's leading spacing), since here it shifts the TCD schedule."""
-        if isinstance(config, Mapping) and "steps_offset" not in kwargs:
-            source = config.get("_class_name", cls.__name__)
-            offset = config.get("steps_offset", 0)
-            if source != cls.__name__ and offset and "steps_offset" not in config.get("_use_default_values", ()):
-                logger.warning(
-                    "steps_offset=%s from the %s config shifts the TCD schedule by %s timestep(s), off the grid TCD "
-                    "models were distilled on (diffusers' TCDScheduler ignores it); pass steps_offset=0 to keep "
-                    "diffusers' numbers",
-                    offset,
-                    source,
-                    offset,
-                )
-        return super().from_config(config, return_unused_kwargs, **kwargs)
-
     def _make_x0_transform(self) -> Any:
-        c = self._config
+        c = self._active
         if c["thresholding"]:
             return partial(dynamic_threshold_x0, ratio=c["dynamic_thresholding_ratio"], max_value=c["sample_max_value"])
         if c["clip_sample"]:
@@ -236,10 +231,14 @@ class TCDScheduler(SchedulerFrontend):
 
     @timesteps.setter
     def timesteps(self, value: torch.Tensor | Sequence[int]) -> None:
+        """Assigning timesteps is ``set_timesteps(timesteps=value)`` on the value's device: everything the step
+        reads follows, and the next step starts a new loop."""
         arr = custom_schedule(torch.as_tensor(value).cpu().numpy(), self._config["num_train_timesteps"])
         device = value.device if isinstance(value, torch.Tensor) else None
         self._set_schedule(arr, device)
         self.num_inference_steps = len(arr)
+        self.custom_timesteps = True
+        self._step_index = None
 
     def set_timesteps(
         self,
@@ -262,8 +261,11 @@ class TCDScheduler(SchedulerFrontend):
             strength: the fraction of the grid used, for img2img/inpainting: the grid is cut to its lowest
                 ``⌊N_orig·strength⌋`` points (custom timesteps: the last ``⌊N·strength⌋`` are kept). In ``(0, 1]``,
                 default 1.0.
+
+        With ``timestep_spacing="trailing"`` the timesteps are DDIM's trailing selection on the full grid
+        (``⌊T·strength⌋`` points, ``steps_offset`` not applied): N = 4 gives ``[999, 749, 499, 249]``.
         """
-        c = self._config
+        c = self._active
         T = c["num_train_timesteps"]
         if (num_inference_steps is None) == (timesteps is None):
             raise ValueError(
@@ -290,17 +292,21 @@ class TCDScheduler(SchedulerFrontend):
             self.custom_timesteps = True
         else:
             n = check_int("num_inference_steps", num_inference_steps, 1, T)
-            if n > original_steps:
+            trailing = c["timestep_spacing"] == "trailing"
+            if n > original_steps and not (trailing or full_grid):
                 raise ValueError(
                     f"num_inference_steps={n} cannot exceed original_inference_steps={original_steps}: the schedule "
                     "is a subset of the distillation grid"
                 )
-            grid = distillation_grid(T, original_steps, strength, full_grid, c["steps_offset"])
+            offset = 0 if trailing else c["steps_offset"]
+            grid = distillation_grid(T, original_steps, strength, full_grid or trailing, offset)
             if len(grid) < n:
+                what = (
+                    f"the full grid of T={T}" if full_grid or trailing else f"original_inference_steps={original_steps}"
+                )
                 raise ValueError(
-                    f"num_inference_steps={n} exceeds the {len(grid)} points of the grid (original_inference_steps="
-                    f"{original_steps}, strength={strength}, steps_offset={c['steps_offset']}); use fewer steps or a "
-                    "larger strength"
+                    f"num_inference_steps={n} exceeds the {len(grid)} points of the grid ({what}, strength={strength}"
+                    f", steps_offset={offset}); use fewer steps or a larger strength"
                 )
             arr = tcd_schedule(grid, n, c["timestep_spacing"])
             self.custom_timesteps = False
@@ -316,6 +322,7 @@ class TCDScheduler(SchedulerFrontend):
         self.num_inference_steps = len(arr)
         self._step_index = None
         self._begin_index = None
+        self._restart_noise()
 
     @staticmethod
     def _warn_custom(arr: np.ndarray, grid: np.ndarray, original_steps: int, strength: float) -> None:
@@ -380,25 +387,27 @@ class TCDScheduler(SchedulerFrontend):
             return_dict: return a :class:`TCDSchedulerOutput` (default) or the tuple
                 ``(prev_sample, pred_noised_sample)``.
         """
-        self._check_step_inputs(model_output, sample, generator)
+        self._check_step_inputs(model_output, timestep, sample, generator)
         dtype = torch.promote_types(model_output.dtype, sample.dtype)
         table = self.step_table(eta, dtype)
         i = self._advance(timestep, len(table))
         row = table.rows[i]
         noise = None
         if row.draws_noise:
-            noise = draw_noise(model_output.shape, generator, model_output.device, dtype)
+            chosen = self._noise_generator(generator)
+            check_generator(chosen, sample.shape[0] if sample.ndim else 1)
+            noise = draw_noise(model_output.shape, chosen, model_output.device, dtype)
         if self._fused:
             lin = self._folded[(table.gamma, table.dtype)][i]
             prev, x_s = linear_step(model_output, sample, row, lin, noise)
             if not return_dict:
                 return (prev, x_s)
-            return TCDSchedulerOutput(prev, x_s, lambda: torch.add(sample * lin.x0_x, model_output, alpha=lin.x0_m))
+            lazy = lazy_tensor(partial(fused_x0, model_output, sample, lin), model_output, sample)
+            return TCDSchedulerOutput(prev, x_s, pred_original_sample=lazy)
         prev, x_s, x0 = tcd_step(model_output, sample, row, self._config["prediction_type"], noise, self._x0_transform)
         if not return_dict:
             return (prev, x_s)
-        assert x0 is not None  # only flow steps leave x̂0 out
-        return TCDSchedulerOutput(prev_sample=prev, pred_noised_sample=x_s, pred_original_sample=x0)
+        return TCDSchedulerOutput(prev, x_s, pred_original_sample=x0)
 
     # ------------------------------------------------------------ forward path
 

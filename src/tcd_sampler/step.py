@@ -43,6 +43,7 @@ __all__ = [
     "dynamic_threshold_x0",
     "flow_x0",
     "fold_row",
+    "fused_x0",
     "linear_step",
     "target_timesteps",
     "tcd_step",
@@ -386,6 +387,11 @@ def linear_step(
     if row.draws_noise and noise is not None:
         return noise.mul_(row.noise).add_(x_s, alpha=row.renoise), x_s
     return x_s, x_s
+
+
+def fused_x0(model_output: torch.Tensor, sample: torch.Tensor, lin: LinearRow) -> torch.Tensor:
+    """``x̂0 = x0_x·x_t + x0_m·m`` of a folded step (what :func:`linear_step` leaves out)."""
+    return torch.add(sample * lin.x0_x, model_output, alpha=lin.x0_m)
 
 
 def flow_x0(velocity: torch.Tensor, sample: torch.Tensor, sigma: float) -> torch.Tensor:

@@ -44,10 +44,15 @@ def distillation_grid(
 def tcd_schedule(grid: np.ndarray, num_inference_steps: int, spacing: str = "leading") -> np.ndarray:
     """Pick ``num_inference_steps`` descending timesteps from an ascending ``grid``.
 
-    ``leading`` and ``trailing`` take the points at indices ``⌊i·len/n⌋`` of the reversed grid (TCD's selection,
-    which starts at the grid's top); ``linspace`` spreads them evenly over the whole grid with both ends included
-    (one step: the top).
+    ``leading`` takes the points at indices ``⌊i·len/n⌋`` of the reversed grid (TCD's selection, which starts at
+    the grid's top); ``trailing`` is DDIM's trailing selection, the points at ``round(len − i·len/n) − 1``
+    (meant for the full grid: ``[999, 749, 499, 249]`` for n = 4 of T = 1000); ``linspace`` spreads them evenly over
+    the whole grid with both ends included (one step: the top).
     """
+    if spacing == "trailing":
+        size = len(grid)
+        picked = [round(size - i * size / num_inference_steps) - 1 for i in range(num_inference_steps)]
+        return grid[picked]
     if spacing == "linspace":
         # from the top down, so that a single step starts at the top of the grid
         idx = np.round(np.linspace(len(grid) - 1, 0, num_inference_steps)).astype(np.int64)
