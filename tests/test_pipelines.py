@@ -228,5 +228,8 @@ def test_cli_gives_lcm_pipelines_lcm_endpoint(tmp_path: Path) -> None:
 
     diffusers.LCMScheduler(set_alpha_to_one=False, steps_offset=1).save_pretrained(tmp_path / "scheduler")
     sched = scheduler_for(str(tmp_path), "LatentConsistencyModelPipeline", 0.5)
-    assert sched.config.consistency_boundary and sched.config.set_alpha_to_one and sched.config.steps_offset == 0
-    assert sched.config.eta == 0.5
+    assert sched.config.consistency_boundary and sched.config.eta == 0.5
+    assert sched.config["_tcd_sampler_unapplied"] == ["set_alpha_to_one", "steps_offset"]  # kept, not applied
+    assert torch.equal(sched.final_alpha_cumprod, torch.tensor(1.0))  # LCM's clean endpoint
+    sched.set_timesteps(4)
+    assert sched.timesteps.tolist() == [999, 759, 499, 259]

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..config import load_config_file
+from ..config import config_family, load_config_file
 
 __all__ = ["GenerationRequest", "MissingModelError", "generate", "load_pipeline", "scheduler_for"]
 
@@ -84,18 +84,18 @@ def _read_config(model: str, name: str, subfolder: str | None = None) -> dict[st
 
 
 def scheduler_for(model: str, pipeline_class: str, gamma: float) -> Any:
-    """The TCD scheduler matching the model's own scheduler config (a diffusers component)."""
+    """The TCD scheduler matching the model's own scheduler config (a diffusers component).
+
+    The config's keys that diffusers' schedulers ignore (SD/SDXL's ``steps_offset=1``) are kept but not applied, so
+    the schedule is the one TCD models were distilled on (see :class:`tcd_sampler.TCDScheduler`)."""
     from .diffusers import FlowMatchTCDScheduler, TCDScheduler
 
     config = _read_config(model, "scheduler_config.json", "scheduler")
-    if str(config.get("_class_name", "")).startswith("FlowMatch"):
+    if config_family(config) == "flow":
         return FlowMatchTCDScheduler.from_config(config, gamma=gamma)
-    # steps_offset=0: keep the grid TCD models were distilled on (SD configs carry DDIM's offset of 1)
-    if pipeline_class in LCM_PIPELINES:  # LCM's clean endpoint is ᾱ = 1 whatever the config says
-        return TCDScheduler.from_config(
-            config, steps_offset=0, consistency_boundary=True, set_alpha_to_one=True, eta=gamma
-        )
-    return TCDScheduler.from_config(config, steps_offset=0, eta=gamma)
+    if pipeline_class in LCM_PIPELINES:
+        return TCDScheduler.from_config(config, consistency_boundary=True, eta=gamma)
+    return TCDScheduler.from_config(config, eta=gamma)
 
 
 def load_pipeline(
@@ -104,15 +104,22 @@ def load_pipeline(
     task: str = "text2image",
     lora: str | None = None,
     device: str | None = None,
+    noise_seed: int | None = 0,
 ) -> Any:
     """Load ``model`` for ``task`` (``text2image``, ``image2image`` or ``inpaint``) with its TCD scheduler.
 
     Args:
         model: a local diffusers folder or a Hub repo id.
-        gamma: TCD's stochasticity, stored in the scheduler's config (``eta`` / ``gamma``).
-        task: which auto pipeline to build.
-        lora: a LoRA (folder, file or repo id) to load and fuse, e.g. ``h1t/TCD-SDXL-LoRA``.
+        gamma: TCD's stochasticity, stored in the scheduler's config (``eta`` / ``gamma``). Flow pipelines (SD3,
+            FLUX) and LCM pipelines step with it. **SD/SDXL pipelines pass their own** ``eta`` **to the step** (0.0
+            unless the call sets it), so call them with ``eta=gamma``: ``pipe(prompt, eta=0.3, ...)``
+            (:func:`generate` does). Default 0.3.
+        task: which auto pipeline to build. Default ``text2image``.
+        lora: a LoRA (folder, file or repo id) to load and fuse, e.g. ``h1t/TCD-SDXL-LoRA``. Default None.
         device: where to run; default CUDA when available (float16), else CPU (float32).
+        noise_seed: the scheduler's :attr:`~tcd_sampler.TCDScheduler.noise_seed`: the seed of the step noise of
+            every call that passes no generator to the step (flow pipelines never do), so that two calls with the
+            same pipeline generator give the same image. None: torch's global RNG. Default 0.
     """
     diffusers = _diffusers()
     index = _read_config(model, "model_index.json")
@@ -125,6 +132,7 @@ def load_pipeline(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
     scheduler = scheduler_for(model, pipeline_class, gamma)
+    scheduler.noise_seed = noise_seed
     try:
         pipe = auto.from_pretrained(model, scheduler=scheduler, torch_dtype=dtype)
     except OSError as err:
@@ -153,10 +161,9 @@ def generate(request: GenerationRequest) -> Path:
     if request.mask is not None and request.image is None:
         raise ValueError("--mask needs --image (inpainting repaints the masked part of an image)")
     task = "inpaint" if request.mask is not None else "image2image" if request.image is not None else "text2image"
-    pipe = load_pipeline(request.model, request.gamma, task, request.lora, request.device)
+    noise_seed = request.seed + STEP_NOISE_SEED_OFFSET  # the step noise, for pipelines that pass no generator
+    pipe = load_pipeline(request.model, request.gamma, task, request.lora, request.device, noise_seed)
     generator = torch.Generator(device="cpu").manual_seed(request.seed)
-    if hasattr(pipe.scheduler, "generator"):  # flow pipelines do not pass the generator to step
-        pipe.scheduler.generator = torch.Generator(device="cpu").manual_seed(request.seed + STEP_NOISE_SEED_OFFSET)
     kwargs: dict[str, Any] = {
         "prompt": request.prompt,
         "num_inference_steps": request.steps,
