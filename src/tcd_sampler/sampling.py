@@ -13,7 +13,7 @@ or :class:`DiscreteVPTime` for a discrete VP model, which reproduces a ``TCDSche
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -50,25 +50,42 @@ class DiscreteVPTime:
     """
 
     alphas_cumprod: torch.Tensor
+    _tables: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = field(
+        default_factory=dict, init=False, repr=False
+    )
 
     @property
     def sigmas(self) -> torch.Tensor:
         """σ on the grid, float64 ``(T,)``."""
-        acp = self.alphas_cumprod.double()
-        return ((1 - acp) / acp).sqrt()
+        return self._table(torch.device("cpu"), torch.float64)[0]
+
+    def _table(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(σ, log σ)`` on the grid on ``device`` in ``dtype``, computed once in float64 on the CPU and cached."""
+        key = (device, dtype)
+        if key not in self._tables:
+            acp = self.alphas_cumprod.detach().cpu().double()
+            sig = ((1 - acp) / acp).sqrt()
+            self._tables[key] = (sig.to(dtype).to(device), sig.log().to(dtype).to(device))
+        return self._tables[key]
+
+    @staticmethod
+    def _work(device: torch.device) -> torch.dtype:
+        """float64 on the CPU; float32 on accelerators (Apple's MPS has no float64)."""
+        return torch.float64 if device.type == "cpu" else torch.float32
 
     def sigma_to_t(self, sigma: torch.Tensor | float) -> torch.Tensor:
         """The nearest grid timestep (int64) of each sigma; works on any device without a host sync."""
         sigma = torch.as_tensor(sigma)
-        table = self.sigmas.to(sigma.device)
-        log_sigma = sigma.double().clamp(min=1e-30).log()
-        t = (log_sigma.unsqueeze(-1) - table.log()).abs().argmin(dim=-1)
+        dtype = self._work(sigma.device)
+        _, log_table = self._table(sigma.device, dtype)
+        log_sigma = sigma.to(dtype).clamp(min=1e-30).log()
+        t = (log_sigma.unsqueeze(-1) - log_table).abs().argmin(dim=-1)
         return torch.where(sigma > 0, t, torch.zeros_like(t))
 
     def t_to_sigma(self, t: torch.Tensor | int) -> torch.Tensor:
-        """σ at integer timesteps (float64)."""
+        """σ at integer timesteps (float64 on the CPU, float32 elsewhere)."""
         t = torch.as_tensor(t)
-        return self.sigmas.to(t.device)[t.long()]
+        return self._table(t.device, self._work(t.device))[0][t.long()]
 
     def target(self, t_prev: np.ndarray, gamma: float) -> np.ndarray:
         """``s = ⌊(1 − γ)·t'⌋`` in float32, as the reference."""
@@ -125,15 +142,37 @@ def tcd_table(
     if time is None:
         s_sigma = (1.0 - gamma) * nxt
     else:
-        t_next = time.sigma_to_t(torch.from_numpy(nxt).to(device)).detach().cpu().numpy()
+        where = torch.device(device) if device is not None else torch.device("cpu")
+        dtype = torch.float64 if where.type == "cpu" else torch.float32  # no float64 on accelerators (MPS)
+
+        def to_device(values: np.ndarray) -> torch.Tensor:
+            tensor = torch.from_numpy(np.ascontiguousarray(values))
+            return tensor.to(where) if not tensor.is_floating_point() else tensor.to(device=where, dtype=dtype)
+
+        t_next = time.sigma_to_t(to_device(nxt)).detach().cpu().double().numpy()
         target = getattr(time, "target", None)
         s_time = target(t_next, gamma) if target is not None else (1.0 - gamma) * t_next
-        s_sigma = time.t_to_sigma(torch.as_tensor(s_time).to(device)).detach().double().cpu().numpy()
+        s_sigma = time.t_to_sigma(to_device(np.asarray(s_time))).detach().cpu().double().numpy()
         if target is None:
             s_sigma = np.where(nxt > 0, s_sigma, 0.0)  # a continuous model's last step ends clean
     draws = [gamma > 0 and bool(n > 0) for n in nxt]
     path = flow_alpha_sigma if flow else ve_alpha_sigma
     return build_table(now, nxt, s_sigma, path, gamma, draws)
+
+
+def _noise_seed(seed: Any, seed_from_args: Any, noise_sampler: NoiseSampler | None) -> int | None:
+    """The seed of the default noise sampler: ``seed=``, or ComfyUI's ``extra_args["seed"]`` (consumed there, not
+    passed to the model). A ``noise_sampler`` decides the noise itself: with ``seed=`` too it is an error, while
+    ComfyUI's seed, which it always sends, is then unused (ComfyUI's own samplers do the same)."""
+    for name, value in (("seed", seed), ('extra_args["seed"]', seed_from_args)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))):
+            raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+    if seed is not None and noise_sampler is not None:
+        raise ValueError("pass seed or noise_sampler, not both: a noise_sampler draws the noise itself")
+    if seed is not None and seed_from_args is not None and int(seed) != int(seed_from_args):
+        raise ValueError(f'seed={seed} and extra_args["seed"]={seed_from_args} disagree; pass one of them')
+    chosen = seed if seed is not None else seed_from_args
+    return None if chosen is None or noise_sampler is not None else int(chosen)
 
 
 def _sample(
@@ -158,8 +197,9 @@ def _sample(
         raise ValueError(f"sigmas must be a strictly descending 1-D sequence ≥ 0 of length ≥ 2, got {sig_host}")
     if flow and sig_host[0] > 1:
         raise ValueError(f"rectified-flow sigmas must lie in [0, 1], got {sig_host[0]}")
+    extra_args = {} if extra_args is None else dict(extra_args)  # the caller's dict is left as it was
+    seed = _noise_seed(seed, extra_args.pop("seed", None), noise_sampler)
     table = tcd_table(sig_host.tolist(), gamma, time, flow, device=x.device)
-    extra_args = {} if extra_args is None else extra_args
     if noise_sampler is None:
         generator = None if seed is None else torch.Generator(device=x.device).manual_seed(seed)
 
@@ -199,14 +239,16 @@ def sample_tcd(
         model: ``model(x, sigma * s_in, **extra_args) → x̂0`` (a k-diffusion/ComfyUI denoiser).
         x: the starting latent, already scaled to ``sigmas[0]`` (``noise * sigmas[0]``), ``(B, …)``.
         sigmas: descending sigmas, usually ending at 0.
-        extra_args: keyword arguments for the model (conditioning).
+        extra_args: keyword arguments for the model (conditioning); a "seed" key is the noise seed, not passed on.
         callback: called after each model call with ``{"x", "i", "sigma", "sigma_hat", "denoised"}``.
         disable: disable the tqdm progress bar.
         gamma: stochasticity in [0, 1]: 0 deterministic (DDIM-like), 1 LCM's multistep sampling. Default 0.3.
-        noise_sampler: ``noise_sampler(sigma, sigma_next) → z``; default: ``torch.randn`` of ``x``'s shape, from a
-            generator seeded with ``seed`` when given (reproducible), else the global RNG.
+        noise_sampler: ``noise_sampler(sigma, sigma_next) → z``; default: ``torch.randn`` of ``x``'s shape on
+            ``x``'s device, from a generator seeded with ``seed`` (reproducible), else the global RNG. Exclusive
+            with ``seed``.
         time: the model's time maps (see the module docstring); default: the time is σ.
-        seed: seed of the default noise sampler.
+        seed: seed of the default noise sampler; default ``extra_args["seed"]`` (ComfyUI passes it there, and it is
+            taken out of the model's arguments), else None.
     """
     return _sample(model, x, sigmas, extra_args, callback, disable, gamma, noise_sampler, time, seed, flow=False)
 

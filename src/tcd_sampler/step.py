@@ -381,17 +381,29 @@ def linear_step(
     model_output: torch.Tensor, sample: torch.Tensor, row: StepRow, lin: LinearRow, noise: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A TCD step as at most two fused passes: ``x_s = xs_x·x + xs_m·m``, then, when the row draws noise,
-    ``x_t' = renoise·x_s + noise·z`` computed in place in ``noise`` (which the caller hands over). Returns
-    ``(x_t', x_s)``. As accurate as :func:`tcd_step` against float64, but not bit-identical to the reference."""
-    x_s = torch.add(sample * lin.xs_x, model_output, alpha=lin.xs_m)
+    ``x_t' = renoise·x_s + noise·z`` (computed in place in ``noise``, which the caller hands over, when the layouts
+    allow). Returns ``(x_t', x_s)``. As accurate as :func:`tcd_step` against float64, but not bit-identical to the
+    reference. Half-precision inputs are computed in float32 and rounded once, and the outputs keep the sample's
+    memory format (channels_last stays channels_last)."""
+    out_dtype = torch.promote_types(model_output.dtype, sample.dtype)
+    work = working_dtype(out_dtype)
+    x, m = _as(sample, work), _as(model_output, work)
+    x_s = torch.add(x * lin.xs_x, m, alpha=lin.xs_m)
+    prev = x_s
     if row.draws_noise and noise is not None:
-        return noise.mul_(row.noise).add_(x_s, alpha=row.renoise), x_s
-    return x_s, x_s
+        z = _as(noise, work)
+        if z is noise and x_s.is_contiguous() and noise.is_contiguous():
+            prev = z.mul_(row.noise).add_(x_s, alpha=row.renoise)
+        else:  # x_s first, so that the result takes its layout
+            prev = torch.add(x_s * row.renoise, z, alpha=row.noise)
+    return _as(prev, out_dtype), _as(x_s, out_dtype)
 
 
 def fused_x0(model_output: torch.Tensor, sample: torch.Tensor, lin: LinearRow) -> torch.Tensor:
-    """``x̂0 = x0_x·x_t + x0_m·m`` of a folded step (what :func:`linear_step` leaves out)."""
-    return torch.add(sample * lin.x0_x, model_output, alpha=lin.x0_m)
+    """``x̂0 = x0_x·x_t + x0_m·m`` of a folded step (what :func:`linear_step` leaves out), computed as it."""
+    out_dtype = torch.promote_types(model_output.dtype, sample.dtype)
+    work = working_dtype(out_dtype)
+    return _as(torch.add(_as(sample, work) * lin.x0_x, _as(model_output, work), alpha=lin.x0_m), out_dtype)
 
 
 def flow_x0(velocity: torch.Tensor, sample: torch.Tensor, sigma: float) -> torch.Tensor:
