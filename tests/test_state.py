@@ -6,6 +6,7 @@ ComfyUI's seed."""
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import diffusers
 import numpy as np
@@ -331,3 +332,43 @@ def test_discrete_time_caches_its_tables() -> None:
     time.t_to_sigma(torch.tensor([3]))
     assert time._tables.keys() == tables.keys() and all(time._tables[k] is tables[k] for k in tables)
     assert time.sigma_to_t(torch.tensor([0.0, time.sigmas[500].item()])).tolist() == [0, 500]
+
+
+def test_saving_a_pipeline_that_holds_the_core_class_warns(tmp_path: Path) -> None:
+    """The core class is not a diffusers component: a pipeline save skips it, with diffusers' warning (not silently);
+    the integration class saves and loads."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    pipe = FACTORIES["sd"](TCDScheduler())
+    diffusers_logger = logging.getLogger("diffusers")
+    level = diffusers_logger.level  # the suite's conftest quiets diffusers to ERROR; its default is WARNING
+    diffusers_logger.addHandler(handler)
+    diffusers_logger.setLevel(logging.WARNING)
+    try:
+        pipe.save_pretrained(tmp_path / "core")
+    finally:
+        diffusers_logger.removeHandler(handler)
+        diffusers_logger.setLevel(level)
+    text = " ".join(r.getMessage() for r in records if r.levelno >= logging.WARNING)
+    assert "cannot be saved" in text and "tcd_sampler.scheduler.TCDScheduler" in text
+    pipe = FACTORIES["sd"](integration.TCDScheduler())
+    pipe.save_pretrained(tmp_path / "component")
+    loaded = diffusers.DiffusionPipeline.from_pretrained(tmp_path / "component")
+    assert type(loaded.scheduler) is integration.TCDScheduler
+
+
+def test_integration_classes_pass_diffusers_isinstance_checks() -> None:
+    """InvokeAI tests `isinstance(scheduler, diffusers.TCDScheduler)`; EasyAnimate, Bria and LongCat pipelines test
+    `isinstance(scheduler, FlowMatchEulerDiscreteScheduler)` (LongCat replaces any other scheduler)."""
+    assert isinstance(integration.TCDScheduler(), diffusers.TCDScheduler)
+    flow = integration.FlowMatchTCDScheduler()
+    assert isinstance(flow, diffusers.FlowMatchEulerDiscreteScheduler)
+    assert isinstance(flow, diffusers.SchedulerMixin)
+    # diffusers' helpers that the integration class still inherits are pure functions of the config
+    flow_shifted = integration.FlowMatchTCDScheduler(shift_terminal=0.1)
+    ref = diffusers.FlowMatchEulerDiscreteScheduler(shift_terminal=0.1)
+    t = torch.linspace(1.0, 0.1, 5)
+    assert torch.equal(flow_shifted.stretch_shift_to_terminal(t), ref.stretch_shift_to_terminal(t))
+    with pytest.raises(NotImplementedError, match="DDIM"):
+        integration.TCDScheduler()._get_variance(999, 759)
