@@ -13,8 +13,8 @@ import inspect
 import logging
 import os
 import warnings
-from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, ClassVar, Self
 
@@ -35,6 +35,12 @@ from .config import (
 )
 
 logger = logging.getLogger("tcd_sampler")
+
+#: What ``from_config`` hands to the constructor it calls besides its arguments: the kept keys of the source
+#: config, the unapplied guarded values, and the kept keys the source marked as defaults (see ``_init_config``).
+_FROM_CONFIG: ContextVar[tuple[dict[str, Any], dict[str, Any], list[str]] | None] = ContextVar(
+    "tcd_sampler_from_config", default=None
+)
 
 __all__ = [
     "SchedulerFrontend",
@@ -134,6 +140,11 @@ def _version(tensor: torch.Tensor) -> int | None:
         return None
 
 
+@functools.cache
+def _cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
 def lazy_tensor(
     compute: Callable[[], torch.Tensor], *inputs: torch.Tensor
 ) -> torch.Tensor | Callable[[], torch.Tensor]:
@@ -145,8 +156,8 @@ def lazy_tensor(
     made under ``torch.inference_mode``, which keep no version counter, or while a CUDA graph is being captured), the
     value is computed now."""
     versions = [_version(t) for t in inputs]
-    capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-    if capturing or any(v is None for v in versions):
+    capturing = _cuda_available() and torch.cuda.is_current_stream_capturing()
+    if capturing or None in versions:
         return compute()
 
     def checked() -> torch.Tensor:
@@ -160,8 +171,8 @@ def lazy_tensor(
     return checked
 
 
-class StepOutput(OrderedDict[str, torch.Tensor]):
-    """What a scheduler's ``step`` returns, shaped like diffusers' ``BaseOutput``: an ordered mapping of the
+class StepOutput(dict[str, torch.Tensor]):
+    """What a scheduler's ``step`` returns, shaped like diffusers' ``BaseOutput``: an (insertion-ordered) mapping of the
     reference's fields (``keys()``, ``values()``, ``out["prev_sample"]``), indexable like its tuple form
     (``out[0]``, ``to_tuple()``, what ``step(..., return_dict=False)`` returns), each field also an attribute.
 
@@ -175,45 +186,52 @@ class StepOutput(OrderedDict[str, torch.Tensor]):
     _x0: torch.Tensor | Callable[[], torch.Tensor] | None
 
     def __init__(self, *values: torch.Tensor, pred_original_sample: Any = None, **named: torch.Tensor) -> None:
-        super().__init__()
-        given = dict(zip(self._FIELDS, values, strict=False)) | named
-        if set(given) != set(self._FIELDS) | set(self._EXTRAS):
-            raise TypeError(
-                f"{type(self).__name__} takes the fields {self._FIELDS + self._EXTRAS}, got {sorted(given)}"
-            )
-        for key in self._FIELDS:
-            self[key] = given[key]
-        for key in self._EXTRAS:
-            object.__setattr__(self, key, given[key])
-        object.__setattr__(self, "_x0", pred_original_sample)
+        fields, extras = self._FIELDS, self._EXTRAS
+        if len(values) < len(fields):
+            values = (*values, *(named.pop(k) for k in fields[len(values) :] if k in named))
+        if len(values) != len(fields) or len(named) != len(extras) or not all(k in named for k in extras):
+            given = sorted([*fields[: len(values)], *named])
+            raise TypeError(f"{type(self).__name__} takes the fields {fields + extras}, got {given}")
+        dict.__init__(self, zip(fields, values, strict=True))
+        attributes = self.__dict__  # the fields live in the mapping only, read through __getattr__
+        attributes["_x0"] = pred_original_sample
+        for key in extras:
+            attributes[key] = named[key]
+
+    def __getattr__(self, name: str) -> Any:
+        if name in self._FIELDS:
+            return dict.__getitem__(self, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     @property
     def pred_original_sample(self) -> torch.Tensor:
         """``x̂0`` (after clipping/thresholding and the boundary condition, where configured)."""
         if callable(self._x0) and not isinstance(self._x0, torch.Tensor):
-            object.__setattr__(self, "_x0", self._x0())
+            self.__dict__["_x0"] = self._x0()
         return self._x0  # type: ignore[return-value]
 
     @pred_original_sample.setter
     def pred_original_sample(self, value: torch.Tensor) -> None:
-        object.__setattr__(self, "_x0", value)
+        self.__dict__["_x0"] = value
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in self._FIELDS:
-            super().__setitem__(name, value)
-        elif name != "pred_original_sample" and name not in self._EXTRAS:
+            dict.__setitem__(self, name, value)
+        elif name == "pred_original_sample":
+            self.__dict__["_x0"] = value
+        elif name in self._EXTRAS:
+            self.__dict__[name] = value
+        else:
             raise AttributeError(f"{type(self).__name__} has no field {name!r}; its fields are {self._FIELDS}")
-        object.__setattr__(self, name, value)
 
     def __setitem__(self, key: str, value: Any) -> None:
         if key not in self._FIELDS:
             raise KeyError(f"{type(self).__name__} has no field {key!r}; its fields are {self._FIELDS}")
-        super().__setitem__(key, value)
-        object.__setattr__(self, key, value)
+        dict.__setitem__(self, key, value)
 
     def __getitem__(self, key: Any) -> Any:
         if isinstance(key, str):
-            return super().__getitem__(key)
+            return dict.__getitem__(self, key)
         return self.to_tuple()[key]
 
     def _frozen(self, *args: Any, **kwargs: Any) -> Any:
@@ -223,7 +241,7 @@ class StepOutput(OrderedDict[str, torch.Tensor]):
 
     def to_tuple(self) -> tuple[torch.Tensor, ...]:
         """The tuple form of the output (the values of ``keys()``)."""
-        return tuple(OrderedDict.__getitem__(self, k) for k in self._FIELDS)
+        return tuple(dict.__getitem__(self, k) for k in self._FIELDS)
 
     def __reduce__(self) -> Any:
         extras = {k: getattr(self, k) for k in self._EXTRAS}
@@ -269,9 +287,17 @@ class SchedulerFrontend:
         return {k: p.default for k, p in cls._signature().items()}
 
     def _init_config(self, config: dict[str, Any]) -> None:
-        """Apply the constructor's arguments, noting which ones took their defaults (``_use_default_values``)."""
+        """Apply the constructor's arguments, noting which ones took their defaults (``_use_default_values``), plus
+        what :meth:`from_config` hands over besides them (kept keys, unapplied values), in one pass."""
         explicit = getattr(self, "_explicit_keys", set(config))
-        self._apply_config({**config, "_use_default_values": [k for k in config if k not in explicit]})
+        used = [k for k in config if k not in explicit]
+        handed = _FROM_CONFIG.get()
+        if handed is not None:
+            _FROM_CONFIG.set(None)  # for this constructor only
+            kept, later, carried = handed
+            used = [k for k in used if k not in later] + carried
+            config = {**config, **kept, **later, UNAPPLIED_KEY: sorted(later)}
+        self._apply_config({**config, "_use_default_values": used})
 
     def _settle(self, config: Mapping[str, Any]) -> tuple[FrozenConfig, FrozenConfig]:
         """The stored config (missing parameters take their defaults, marked as ours) and the active one, in which
@@ -402,17 +428,15 @@ class SchedulerFrontend:
         candidates = config.get(UNAPPLIED_KEY, ()) if is_own_config(config) else cls._guarded_keys
         unapplied = cls._still_unapplied(candidates, init, overrides)
         extras.pop(UNAPPLIED_KEY, None)
-        # unapplied keys are added after construction, so that the constructor sees only what applies
-        scheduler = cls(**{k: v for k, v in {**init, **overrides}.items() if k not in unapplied})
-        if extras or unapplied:
-            later = {k: init[k] for k in unapplied}
-            # another scheduler's keys that its config marked as defaults stay marked (so converting back gives
-            # that scheduler its defaults, not fixed choices)
-            carried = [k for k in config.get("_use_default_values", ()) if k in extras]
-            used = [k for k in scheduler._config.get("_use_default_values", ()) if k not in later] + carried
-            scheduler._apply_config(
-                {**scheduler._config, **extras, **later, UNAPPLIED_KEY: unapplied, "_use_default_values": used}
-            )
+        later = {k: init[k] for k in unapplied}  # kept in the config, but the constructor does not see them
+        # another scheduler's keys that its config marked as defaults stay marked (so converting back gives that
+        # scheduler its defaults, not fixed choices)
+        carried = [k for k in config.get("_use_default_values", ()) if k in extras]
+        token = _FROM_CONFIG.set((extras, later, carried))
+        try:
+            scheduler = cls(**{k: v for k, v in {**init, **overrides}.items() if k not in later})
+        finally:
+            _FROM_CONFIG.reset(token)
         if unapplied:
             given = ", ".join(f"{k}={init[k]!r}" for k in unapplied)
             logger.info(
@@ -536,6 +560,13 @@ class SchedulerFrontend:
         a device value: a Python or numpy number, a CPU tensor, a view of the schedule."""
         expected = self._timesteps_host[index]
         if isinstance(timestep, torch.Tensor):
+            schedule: torch.Tensor = getattr(self, "timesteps")  # noqa: B009 - defined by the subclasses
+            if (  # the common case, a loop over the schedule: the view at this index (no device read)
+                timestep.ndim == 0
+                and timestep.dtype == schedule.dtype
+                and timestep.data_ptr() == schedule.data_ptr() + index * schedule.stride(0) * schedule.element_size()
+            ):
+                return
             position = self._schedule_position(timestep)
             if position is not None:
                 ok = position == index

@@ -7,6 +7,7 @@ keys of other schedulers' configs it was built from, which are kept so that conv
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -52,6 +53,7 @@ _FLOW_CLASSES = ("FlowMatch",)
 _VP_KEYS = ("beta_start", "beta_end", "beta_schedule", "trained_betas")
 
 
+@functools.cache
 def package_version() -> str:
     """This package's version (``0+unknown`` when it runs from a source tree that is not installed)."""
     try:

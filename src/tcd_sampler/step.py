@@ -385,7 +385,9 @@ def linear_step(
     allow). Returns ``(x_t', x_s)``. As accurate as :func:`tcd_step` against float64, but not bit-identical to the
     reference. Half-precision inputs are computed in float32 and rounded once, and the outputs keep the sample's
     memory format (channels_last stays channels_last)."""
-    out_dtype = torch.promote_types(model_output.dtype, sample.dtype)
+    out_dtype = (
+        sample.dtype if sample.dtype is model_output.dtype else torch.promote_types(model_output.dtype, sample.dtype)
+    )
     work = working_dtype(out_dtype)
     x, m = _as(sample, work), _as(model_output, work)
     x_s = torch.add(x * lin.xs_x, m, alpha=lin.xs_m)
