@@ -47,26 +47,10 @@ from diffusers.schedulers.scheduling_tcd import TCDScheduler as DiffusersTCDSche
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from tcd_sampler.integrations.diffusers import TCDScheduler as OurTCDScheduler
+from test_config import SDXL_EULER_CONFIG
 
 # stabilityai/stable-diffusion-xl-base-1.0, scheduler/scheduler_config.json (the SDXL stock scheduler)
-SDXL_SCHEDULER_CONFIG: dict[str, Any] = {
-    "_class_name": "EulerDiscreteScheduler",
-    "_diffusers_version": "0.19.0.dev0",
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "clip_sample": False,
-    "interpolation_type": "linear",
-    "num_train_timesteps": 1000,
-    "prediction_type": "epsilon",
-    "sample_max_value": 1.0,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "timestep_spacing": "leading",
-    "trained_betas": None,
-    "use_karras_sigmas": False,
-}
+SDXL_SCHEDULER_CONFIG: dict[str, Any] = SDXL_EULER_CONFIG
 
 CLASSES = {"diffusers": DiffusersTCDScheduler, "ours": OurTCDScheduler}
 DEVICE = torch.device("cpu")
