@@ -1,12 +1,10 @@
 """diffusers pipelines on tiny local random-weight models: our schedulers give the reference's images, run where the
-reference crashes, and survive pipe.save_pretrained → DiffusionPipeline.from_pretrained."""
+reference crashes, and survive pipe.save_pretrained → DiffusionPipeline.from_pretrained. (The ``tcd-sampler generate``
+command on these pipelines is tested in test_cli.py.)"""
 
 from __future__ import annotations
 
 import inspect
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +12,9 @@ import diffusers
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from tcd_sampler.cli import main
 from tcd_sampler.integrations.diffusers import FlowMatchTCDScheduler, TCDScheduler
-from tiny_pipelines import FACTORIES, call_kwargs, init_image, mask_image
+from tiny_pipelines import FACTORIES, call_kwargs
 
 STEPS = 4
 TOL = 1e-5
@@ -139,97 +135,3 @@ def test_core_class_is_not_saved_but_the_diffusers_one_is(tmp_path: Path) -> Non
     pipe.scheduler = TCDScheduler()
     pipe.save_pretrained(tmp_path / "integration")
     assert (tmp_path / "integration" / "scheduler" / "scheduler_config.json").exists()
-
-
-# ------------------------------------------------------------------------------------------- tcd-sampler generate
-
-
-@pytest.fixture(scope="module")
-def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("models")
-    dirs = {}
-    for kind, scheduler in (
-        ("sd", diffusers.EulerDiscreteScheduler(steps_offset=1)),
-        ("sd_inpaint", diffusers.PNDMScheduler(steps_offset=1)),
-        ("lcm", diffusers.LCMScheduler()),
-        ("flux", diffusers.FlowMatchEulerDiscreteScheduler(**FLOW_CONFIGS["flux"])),
-    ):
-        FACTORIES[kind](scheduler).save_pretrained(root / kind)
-        dirs[kind] = root / kind
-    Image.fromarray(np.asarray(init_image())).save(root / "input.png")
-    mask_image().save(root / "mask.png")
-    dirs["input"], dirs["mask"] = root / "input.png", root / "mask.png"
-    return dirs
-
-
-def generate(model: Path, out: Path, *extra: str) -> Image.Image:
-    argv = ["generate", "--model", str(model), "--prompt", "a photo of a cat", "--steps", "4", "--output", str(out)]
-    assert main([*argv, *extra]) == 0
-    return Image.open(out)
-
-
-@pytest.mark.parametrize("kind", ["sd", "lcm", "flux"])
-def test_cli_text_to_image(kind: str, model_dirs: dict[str, Path], tmp_path: Path) -> None:
-    first = generate(model_dirs[kind], tmp_path / "a.png", "--width", "32", "--height", "32", "--seed", "3")
-    second = generate(model_dirs[kind], tmp_path / "b.png", "--width", "32", "--height", "32", "--seed", "3")
-    assert first.size == (32, 32)
-    assert np.array_equal(np.asarray(first), np.asarray(second))
-    other = generate(model_dirs[kind], tmp_path / "c.png", "--width", "32", "--height", "32", "--seed", "4")
-    assert not np.array_equal(np.asarray(first), np.asarray(other))
-
-
-def test_cli_matches_the_pipeline_it_builds(model_dirs: dict[str, Path], tmp_path: Path) -> None:
-    """The CLI's image is the pipeline's image with our scheduler (steps_offset 0, eta = gamma) and the same seed."""
-    image = generate(model_dirs["sd"], tmp_path / "cli.png", "--width", "32", "--height", "32", "--gamma", "0.5")
-    pipe = diffusers.StableDiffusionPipeline.from_pretrained(model_dirs["sd"])
-    pipe.scheduler = TCDScheduler.from_config(pipe.scheduler.config, steps_offset=0, eta=0.5)
-    pipe.set_progress_bar_config(disable=True)
-    direct = pipe(
-        "a photo of a cat", num_inference_steps=4, guidance_scale=0.0, width=32, height=32, eta=0.5,
-        generator=torch.Generator().manual_seed(0),
-    ).images[0]  # fmt: skip
-    assert np.array_equal(np.asarray(image), np.asarray(direct))
-
-
-def test_cli_image_to_image_and_inpainting(model_dirs: dict[str, Path], tmp_path: Path) -> None:
-    img2img = generate(model_dirs["sd"], tmp_path / "i2i.png", "--image", str(model_dirs["input"]), "--strength", "0.5")
-    assert img2img.size == (32, 32)
-    args = ["--image", str(model_dirs["input"]), "--mask", str(model_dirs["mask"])]
-    inpaint = generate(model_dirs["sd_inpaint"], tmp_path / "inpaint.png", *args)
-    assert inpaint.size == (32, 32)
-
-
-def test_cli_errors(model_dirs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    base = ["generate", "--prompt", "x", "--output", str(tmp_path / "x.png")]
-    assert main([*base, "--model", str(tmp_path / "nowhere")]) == 2
-    assert "is not a folder" in capsys.readouterr().err
-    assert main([*base, "--model", str(tmp_path)]) == 2  # a folder, but no model in it
-    assert "model_index.json is missing" in capsys.readouterr().err
-    assert main([*base, "--model", str(model_dirs["sd"]), "--mask", str(model_dirs["mask"])]) == 2
-    assert "--mask needs --image" in capsys.readouterr().err
-    assert main([*base, "--model", str(model_dirs["sd"]), "--image", str(tmp_path / "none.png")]) == 2
-    assert "does not exist" in capsys.readouterr().err
-
-
-def test_cli_hub_id_offline(tmp_path: Path) -> None:
-    """A Hub id on a machine without the weights: a clear error naming the model (in a fresh process, since
-    huggingface_hub reads HF_HUB_OFFLINE when it is imported)."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}  # an empty cache
-    argv = ["generate", "--model", "h1t/not-downloaded", "--prompt", "x", "--output", str(tmp_path / "x.png")]
-    code = "import sys; from tcd_sampler.cli import main; sys.exit(main(sys.argv[1:]))"
-    done = subprocess.run([sys.executable, "-c", code, *argv], env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2
-    assert "h1t/not-downloaded" in done.stderr and "HF_HUB_OFFLINE is set" in done.stderr
-    assert not (tmp_path / "x.png").exists()
-
-
-def test_cli_gives_lcm_pipelines_lcm_endpoint(tmp_path: Path) -> None:
-    from tcd_sampler.integrations.pipelines import scheduler_for
-
-    diffusers.LCMScheduler(set_alpha_to_one=False, steps_offset=1).save_pretrained(tmp_path / "scheduler")
-    sched = scheduler_for(str(tmp_path), "LatentConsistencyModelPipeline", 0.5)
-    assert sched.config.consistency_boundary and sched.config.eta == 0.5
-    assert sched.config["_tcd_sampler_unapplied"] == ["set_alpha_to_one", "steps_offset"]  # kept, not applied
-    assert torch.equal(sched.final_alpha_cumprod, torch.tensor(1.0))  # LCM's clean endpoint
-    sched.set_timesteps(4)
-    assert sched.timesteps.tolist() == [999, 759, 499, 259]

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ._files import atomic_paths, folder_problem
 from .distill import load_student
 from .scheduler import TCDScheduler
 from .toy import GaussianMixture, as_numpy, evaluate, ring2d
@@ -100,10 +101,22 @@ def run_demo(
 ) -> dict[str, Any]:
     """Run every method at every NFE from the same noise; print the table, write ``demo.json`` (and ``demo.png``).
 
+    Args:
+        output_dir: the folder for ``demo.json`` and ``demo.png``, created if missing; checked before any sampling
+            (``NotADirectoryError`` if it is a file or cannot be written). Both files are written atomically
+            (temporary files moved into place together): a failed run leaves no partial file. Default ``demo_out``.
+        samples: samples per method and NFE. Default 4000.
+        seed: seeds the initial noise, the reference samples and the step noise. Default 0.
+        nfes: the numbers of model calls compared. Default 1, 2, 4, 8.
+        figure: also draw ``demo.png`` (needs matplotlib). Default True.
+        progress: show a progress bar. Default True.
+
     Returns the JSON report."""
     start = time.perf_counter()
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    problem = folder_problem(out)
+    if problem:
+        raise NotADirectoryError(f"cannot write the demo's files into {out}: {problem}")
     mixture = ring2d()
     reference = mixture.sample(samples, torch.Generator().manual_seed(seed + 1))[0].float()
     noise = torch.randn(samples, mixture.dim, generator=torch.Generator().manual_seed(seed))
@@ -127,10 +140,13 @@ def run_demo(
         "students": {kind: student.card["config"] for kind, student in students.items()},
     }
     print(format_table(results, nfes, data))
-    if figure:
-        draw_figure(points, results, nfes, mixture, out / "demo.png")
-    report["seconds"] = round(time.perf_counter() - start, 1)
-    (out / "demo.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    out.mkdir(parents=True, exist_ok=True)
+    targets = [out / "demo.json", *([out / "demo.png"] if figure else [])]
+    with atomic_paths(*targets) as temps:
+        if figure:
+            draw_figure(points, results, nfes, mixture, temps[1])
+        report["seconds"] = round(time.perf_counter() - start, 1)
+        temps[0].write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print(
         f"\nwrote {out / 'demo.json'}" + (f" and {out / 'demo.png'}" if figure else "") + f" in {report['seconds']} s"
     )

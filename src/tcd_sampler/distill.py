@@ -29,11 +29,19 @@ import torch
 from torch import nn
 from tqdm.auto import trange
 
+from ._files import atomic_paths, folder_problem
 from .scheduler import TCDScheduler
 from .step import boundary_scalings
 from .toy import GaussianMixture, gmm16, ring2d
 
-__all__ = ["DATASETS", "DistillConfig", "Student", "distill", "load_student", "save_student"]
+__all__ = [
+    "DATASETS",
+    "DistillConfig",
+    "Student",
+    "distill",
+    "load_student",
+    "save_student",
+]
 
 #: Datasets by name.
 DATASETS: dict[str, Callable[[], GaussianMixture]] = {"ring2d": ring2d, "gmm16": gmm16}
@@ -205,13 +213,19 @@ class LoadedStudent:
 
 
 def save_student(model: Student, card: dict[str, Any], directory: str | Path) -> Path:
-    """Write ``student.safetensors`` and ``card.json`` into ``directory``."""
+    """Write ``student.safetensors`` and ``card.json`` into ``directory`` (created if missing), atomically: both are
+    written to temporary files first and moved into place together, so a failure leaves no half-written file (and
+    an existing student there untouched). Returns the folder."""
     from safetensors.torch import save_file
 
     path = Path(directory)
+    problem = folder_problem(path)
+    if problem:
+        raise NotADirectoryError(f"cannot save the student in {path}: {problem}")
     path.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path / WEIGHTS_NAME))
-    (path / CARD_NAME).write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
+    with atomic_paths(path / WEIGHTS_NAME, path / CARD_NAME) as (weights, card_file):
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+        card_file.write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
     return path
 
 
