@@ -5,9 +5,11 @@ the other family, and the CLI's two ways of building a scheduler."""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import diffusers
 import pytest
@@ -205,3 +207,69 @@ def test_cli_schedule_and_generate_agree(tmp_path: Path, capsys: pytest.CaptureF
     cli_timesteps = [row["t"] for row in printed["schedules"]["4"]]
     generate_scheduler = scheduler_for(str(model), "StableDiffusionXLPipeline", 0.3)
     assert cli_timesteps == timesteps_of(generate_scheduler) == TCD_GRID_4
+
+
+def test_our_mark_does_not_vouch_for_values_changed_elsewhere() -> None:
+    """A config of ours that went through another scheduler keeps our private keys; a guarded value changed there is
+    foreign again (the mark records the values we applied)."""
+    ours = TCDScheduler.from_config(SDXL_EULER_CONFIG)
+    euler = diffusers.EulerDiscreteScheduler.from_config(ours.config, timestep_spacing="trailing")
+    assert timesteps_of(TCDScheduler.from_config(euler.config)) == TCD_GRID_4
+    explicit = TCDScheduler(steps_offset=1)
+    through = diffusers.EulerDiscreteScheduler.from_config(explicit.config)
+    assert timesteps_of(TCDScheduler.from_config(through.config)) == [999, 760, 500, 260]  # still our value
+    flow = FlowMatchTCDScheduler.from_config(FlowMatchTCDScheduler().config)
+    stochastic = diffusers.FlowMatchEulerDiscreteScheduler.from_config(flow.config, stochastic_sampling=True)
+    assert FlowMatchTCDScheduler.from_config(stochastic.config).gamma == 0.3
+
+
+def test_a_saved_stochastic_flow_scheduler_loads(tmp_path: Path) -> None:
+    FlowMatchTCDScheduler(stochastic_sampling=True).save_pretrained(tmp_path)
+    assert FlowMatchTCDScheduler.from_pretrained(tmp_path).gamma == 1.0
+    assert FlowMatchTCDScheduler.from_pretrained(tmp_path, gamma=0.5).gamma == 0.5
+    with pytest.raises(ValueError, match="means gamma=1"):
+        FlowMatchTCDScheduler.from_pretrained(tmp_path, gamma=0.5, stochastic_sampling=True)
+
+
+def test_register_to_config_survives_a_copy() -> None:
+    sched = TCDScheduler()
+    sched.register_to_config(timestep_spacing="trailing", steps_offset=1)
+    assert timesteps_of(sched) == timesteps_of(TCDScheduler.from_config(sched.config)) == [999, 749, 499, 249]
+    flow = FlowMatchTCDScheduler(gamma=0.5)
+    flow.register_to_config(stochastic_sampling=True)
+    assert flow.gamma == FlowMatchTCDScheduler.from_config(flow.config).gamma == 1.0
+
+
+def test_partial_internal_dict_keeps_the_callers_guarded_values() -> None:
+    sched = TCDScheduler(steps_offset=2)
+    sched._internal_dict = {"prediction_type": "v_prediction"}
+    assert sched.config.prediction_type == "v_prediction" and timesteps_of(sched) == [999, 761, 501, 261]
+
+
+def test_an_in_memory_flow_config_is_recognised() -> None:
+    with pytest.raises(ValueError, match=r"use FlowMatchTCDScheduler\.from_config"):
+        TCDScheduler.from_config(diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0).config)
+
+
+def test_from_pretrained_takes_diffusers_loader_arguments(tmp_path: Path) -> None:
+    TCDScheduler(steps_offset=1).save_pretrained(tmp_path / "scheduler")
+    sched = integration.TCDScheduler.from_pretrained(
+        tmp_path, subfolder="scheduler", variant=None, torch_dtype=torch.float16, user_agent={"x": "y"}
+    )
+    assert timesteps_of(sched) == [999, 760, 500, 260]
+
+
+def test_a_scheduler_built_inside_a_constructor_does_not_take_the_outer_config() -> None:
+    """What from_config hands over belongs to the instance it builds, not to a scheduler built meanwhile."""
+    helpers: list[TCDScheduler] = []
+
+    class Wrapped(TCDScheduler):
+        @functools.wraps(TCDScheduler.__init__)
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            helpers.append(TCDScheduler())  # another scheduler built before this one is configured
+            super().__init__(*args, **kwargs)
+
+    outer = Wrapped.from_config(SDXL_EULER_CONFIG)
+    assert outer.config.steps_offset == 1
+    assert outer.config["_tcd_sampler_unapplied"] == ["set_alpha_to_one", "steps_offset"]
+    assert all(h.config.steps_offset == 0 and "_tcd_sampler_unapplied" not in h.config for h in helpers)

@@ -155,14 +155,14 @@ def test_linspace_spacing_spans_the_whole_grid(steps: int, kwargs: dict, expecte
     assert sched.timesteps.tolist() == expected
 
 
-@pytest.mark.parametrize("steps", [1, 2, 3, 4, 7, 8, 16, 50, 100])
+@pytest.mark.parametrize("steps", [1, 2, 3, 4, 7, 8, 16, 48, 50, 61, 96, 100])
 def test_trailing_is_ddims_trailing_selection(steps: int) -> None:
     """timestep_spacing="trailing" ("TCD Trailing"): DDIM's trailing timesteps on the full grid."""
     ours = TCDScheduler(timestep_spacing="trailing")
     ours.set_timesteps(steps)
     ddim = diffusers.DDIMScheduler(timestep_spacing="trailing")
     ddim.set_timesteps(steps)
-    assert ours.timesteps.tolist() == ddim.timesteps.tolist()
+    assert ours.timesteps.tolist() == ddim.timesteps.tolist()[:steps]  # DDIM's float arange may add one point
     if steps == 4:
         assert ours.timesteps.tolist() == [999, 749, 499, 249]
 

@@ -147,14 +147,58 @@ def test_lazy_x0_under_inference_mode_is_computed_at_once() -> None:
         torch.testing.assert_close(out.pred_original_sample, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_flow_lazy_x0_raises_after_mutation() -> None:
+def test_flow_x0_stays_right_after_mutation() -> None:
+    """The flow step (a default path) computes x̂0 with the step: reusing the inputs cannot change it."""
     sched = FlowMatchTCDScheduler()
     sched.set_timesteps(4)
     x = sample()
-    out = sched.step(0.5 * x, sched.timesteps[0], x, gamma=0.0)
-    x.zero_()
-    with pytest.raises(RuntimeError, match="modified in place"):
-        _ = out.pred_original_sample
+    u = 0.5 * x
+    out = sched.step(u, sched.timesteps[0], x, gamma=0.0)
+    expected = x - sched.sigmas[0] * u
+    x.data.zero_()  # a write torch does not count
+    u.zero_()
+    torch.testing.assert_close(out.pred_original_sample, expected)
+
+
+def test_copying_an_output_with_a_stale_lazy_x0() -> None:
+    """Copies work; reading the stale deferred x̂0 raises on the copy as on the original."""
+    import copy
+    import pickle
+
+    sched = TCDScheduler(fused_step=True)
+    sched.set_timesteps(4)
+    x = sample()
+    out = sched.step(toy_model(x, 999), 999, x, eta=0.0)
+    x.add_(1.0)
+    for clone in (copy.deepcopy(out), copy.copy(out), pickle.loads(pickle.dumps(out))):
+        assert torch.equal(clone.prev_sample, out.prev_sample)
+        with pytest.raises(RuntimeError, match="modified in place"):
+            _ = clone.pred_original_sample
+
+
+def test_step_output_as_diffusers_base_output() -> None:
+    """Pytree node (tree_map, accelerate's send_to_device), built from a mapping, free extra attributes."""
+    import torch.utils._pytree as pytree
+    from accelerate.utils import send_to_device
+
+    sched = TCDScheduler()
+    sched.set_timesteps(2)
+    x = sample()
+    out = sched.step(toy_model(x, 999), 999, x, eta=0.0)
+    doubled = pytree.tree_map(lambda t: t * 2, out)
+    assert type(doubled) is type(out) and torch.equal(doubled.prev_sample, out.prev_sample * 2)
+    assert torch.equal(doubled.pred_original_sample, out.pred_original_sample * 2)
+    moved = send_to_device(out, "cpu")
+    assert type(moved) is type(out) and list(moved.keys()) == list(out.keys())
+    rebuilt = type(out)({k: v for k, v in out.items()})
+    assert torch.equal(rebuilt[0], out[0]) and rebuilt.pred_original_sample is None
+    out.denoised = out.pred_original_sample  # as InvokeAI's inpainting may set
+    assert out.denoised is out.pred_original_sample and "denoised" not in out
+    flow = FlowMatchTCDScheduler()
+    flow.set_timesteps(2)
+    fout = flow.step(x, flow.timesteps[0], x, gamma=0.0)
+    assert list(fout.keys()) == ["prev_sample"] and fout.pred_noised_sample.shape == x.shape
+    assert torch.equal(pytree.tree_map(lambda t: t + 1, fout).pred_noised_sample, fout.pred_noised_sample + 1)
 
 
 def test_step_output_is_assignable_and_copyable() -> None:
@@ -286,6 +330,14 @@ def test_sample_tcd_takes_comfyuis_seed_from_extra_args() -> None:
         sample_tcd(model, x, sigmas, seed=1, noise_sampler=lambda s, n: torch.zeros_like(x), disable=True)
     with pytest.raises(ValueError, match="disagree"):
         sample_tcd(model, x, sigmas, seed=1, extra_args={"seed": 2}, disable=True)
+    # a model that names a seed parameter (ComfyUI's KSamplerX0Inpaint) still gets it, as ComfyUI's samplers do
+    got: list[object] = []
+
+    def comfy_like(x: torch.Tensor, sigma: torch.Tensor, cond: int = 0, seed: int | None = None) -> torch.Tensor:
+        got.append(seed)
+        return model(x, sigma)
+
+    assert torch.equal(sample_tcd(comfy_like, x, sigmas, extra_args=args, disable=True), a) and got == [7, 7, 7]
     # ComfyUI always sends its seed; an explicit noise sampler then decides the noise
     zeros = sample_tcd(model, x, sigmas, extra_args={"seed": 7}, noise_sampler=lambda s, n: torch.zeros_like(x))
     assert not torch.equal(zeros, a)

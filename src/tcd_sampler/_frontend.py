@@ -14,7 +14,6 @@ import logging
 import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, ClassVar, Self
 
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 
 from .config import (
+    APPLIED_KEY,
     CONFIG_NAME,
     OWN_MARK,
     UNAPPLIED_KEY,
@@ -36,11 +36,6 @@ from .config import (
 
 logger = logging.getLogger("tcd_sampler")
 
-#: What ``from_config`` hands to the constructor it calls besides its arguments: the kept keys of the source
-#: config, the unapplied guarded values, and the kept keys the source marked as defaults (see ``_init_config``).
-_FROM_CONFIG: ContextVar[tuple[dict[str, Any], dict[str, Any], list[str]] | None] = ContextVar(
-    "tcd_sampler_from_config", default=None
-)
 
 __all__ = [
     "SchedulerFrontend",
@@ -148,13 +143,15 @@ def _cuda_available() -> bool:
 def lazy_tensor(
     compute: Callable[[], torch.Tensor], *inputs: torch.Tensor
 ) -> torch.Tensor | Callable[[], torch.Tensor]:
-    """``compute`` deferred until first read, safe against the caller changing ``inputs`` in the meantime.
+    """``compute`` deferred until first read, guarded against the caller changing ``inputs`` in the meantime.
 
-    The deferred value is computed from ``inputs`` later, so it would be silently wrong if they were modified in
-    place first (a loop that writes the next latents into the same tensor, a CUDA graph replay). Their version
-    counters are recorded now and checked on read, which raises instead. Where a change cannot be detected (tensors
-    made under ``torch.inference_mode``, which keep no version counter, or while a CUDA graph is being captured), the
-    value is computed now."""
+    The deferred value is computed from ``inputs`` later, so it would be wrong if they were modified in place first
+    (a loop that writes the next latents into the same tensor). Their version counters are recorded now and checked
+    on read, which raises instead. Where no change could be seen (tensors made under ``torch.inference_mode``, which
+    keep no version counter, or while a CUDA graph is being captured), the value is computed now. Writes that torch
+    does not count (through ``.data``, a numpy or DLPack view, a CUDA graph replay into the same memory) are not
+    seen: this is used only on the opt-in ``fused_step`` path, whose docs say to read ``pred_original_sample``
+    before reusing the inputs that way."""
     versions = [_version(t) for t in inputs]
     capturing = _cuda_available() and torch.cuda.is_current_stream_capturing()
     if capturing or None in versions:
@@ -185,18 +182,40 @@ class StepOutput(dict[str, torch.Tensor]):
     _EXTRAS: ClassVar[tuple[str, ...]] = ()
     _x0: torch.Tensor | Callable[[], torch.Tensor] | None
 
-    def __init__(self, *values: torch.Tensor, pred_original_sample: Any = None, **named: torch.Tensor) -> None:
+    def __init__(self, *values: Any, pred_original_sample: Any = None, **named: Any) -> None:
         fields, extras = self._FIELDS, self._EXTRAS
+        if len(values) == 1 and isinstance(values[0], Mapping):  # type(out)({k: v, ...}), as BaseOutput takes
+            named = {**values[0], **named}
+            values = ()
         if len(values) < len(fields):
             values = (*values, *(named.pop(k) for k in fields[len(values) :] if k in named))
-        if len(values) != len(fields) or len(named) != len(extras) or not all(k in named for k in extras):
+        unknown = [k for k in named if k not in extras]
+        if len(values) != len(fields) or unknown:
             given = sorted([*fields[: len(values)], *named])
             raise TypeError(f"{type(self).__name__} takes the fields {fields + extras}, got {given}")
         dict.__init__(self, zip(fields, values, strict=True))
         attributes = self.__dict__  # the fields live in the mapping only, read through __getattr__
         attributes["_x0"] = pred_original_sample
         for key in extras:
-            attributes[key] = named[key]
+            attributes[key] = named.get(key)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Register each output class as a pytree node, as diffusers does for ``BaseOutput`` (``tree_map``,
+        ``send_to_device`` and DDP see the tensors inside)."""
+        super().__init_subclass__(**kwargs)
+        import torch.utils._pytree as pytree
+
+        def flatten(out: StepOutput) -> tuple[list[Any], Any]:
+            names = (*cls._FIELDS, *cls._EXTRAS)
+            return [*(getattr(out, k) for k in names), out.__dict__["_x0"]], names
+
+        def unflatten(values: Any, names: Any) -> StepOutput:
+            *tensors, x0 = list(values)
+            return cls(**dict(zip(names, tensors, strict=True)), pred_original_sample=x0)
+
+        pytree.register_pytree_node(
+            cls, flatten, unflatten, serialized_type_name=f"{cls.__module__}.{cls.__qualname__}"
+        )
 
     def __getattr__(self, name: str) -> Any:
         if name in self._FIELDS:
@@ -219,10 +238,8 @@ class StepOutput(dict[str, torch.Tensor]):
             dict.__setitem__(self, name, value)
         elif name == "pred_original_sample":
             self.__dict__["_x0"] = value
-        elif name in self._EXTRAS:
+        else:  # further attributes, as on diffusers' outputs (InvokeAI sets ``denoised`` on some)
             self.__dict__[name] = value
-        else:
-            raise AttributeError(f"{type(self).__name__} has no field {name!r}; its fields are {self._FIELDS}")
 
     def __setitem__(self, key: str, value: Any) -> None:
         if key not in self._FIELDS:
@@ -244,17 +261,39 @@ class StepOutput(dict[str, torch.Tensor]):
         return tuple(dict.__getitem__(self, k) for k in self._FIELDS)
 
     def __reduce__(self) -> Any:
-        extras = {k: getattr(self, k) for k in self._EXTRAS}
-        return (_rebuild_output, (type(self), self.to_tuple(), self.pred_original_sample, extras))
+        extras = {k: v for k, v in self.__dict__.items() if k != "_x0"}
+        x0: Any
+        try:
+            x0 = self.pred_original_sample
+        except RuntimeError:  # its inputs changed since the step: the copy raises too, when read
+            x0 = _STALE
+        return (_rebuild_output, (type(self), self.to_tuple(), x0, extras))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(self._FIELDS)}; {', '.join((*self._EXTRAS, 'pred_original_sample'))})"
 
 
+class _StaleX0:
+    """The deferred ``x̂0`` of a copied output whose inputs had changed: reading it raises, as on the original."""
+
+    def __call__(self) -> torch.Tensor:
+        raise RuntimeError(
+            "pred_original_sample of this copied step output was deferred, and the step's inputs were modified in "
+            "place before the copy; read it before changing model_output or sample"
+        )
+
+
+_STALE = _StaleX0()
+
+
 def _rebuild_output(
-    cls: type[StepOutput], values: tuple[torch.Tensor, ...], x0: torch.Tensor, extras: dict[str, torch.Tensor]
+    cls: type[StepOutput], values: tuple[torch.Tensor, ...], x0: Any, attributes: dict[str, Any]
 ) -> StepOutput:
-    return cls(*values, pred_original_sample=x0, **extras)
+    out = cls(*values, pred_original_sample=x0, **{k: v for k, v in attributes.items() if k in cls._EXTRAS})
+    for key, value in attributes.items():
+        if key not in cls._EXTRAS:
+            out.__dict__[key] = value
+    return out
 
 
 class SchedulerFrontend:
@@ -291,13 +330,18 @@ class SchedulerFrontend:
         what :meth:`from_config` hands over besides them (kept keys, unapplied values), in one pass."""
         explicit = getattr(self, "_explicit_keys", set(config))
         used = [k for k in config if k not in explicit]
-        handed = _FROM_CONFIG.get()
+        handed = self.__dict__.pop("_handoff", None)
         if handed is not None:
-            _FROM_CONFIG.set(None)  # for this constructor only
-            kept, later, carried = handed
+            kept, later, carried, _ = handed
             used = [k for k in used if k not in later] + carried
             config = {**config, **kept, **later, UNAPPLIED_KEY: sorted(later)}
         self._apply_config({**config, "_use_default_values": used})
+
+    def _caller_keys(self) -> set[str]:
+        """In a constructor: the parameters its caller passed explicitly (for :meth:`from_config`, the overrides
+        only, not the keys of the config)."""
+        handed = self.__dict__.get("_handoff")
+        return set(handed[3]) if handed is not None else set(getattr(self, "_explicit_keys", ()))
 
     def _settle(self, config: Mapping[str, Any]) -> tuple[FrozenConfig, FrozenConfig]:
         """The stored config (missing parameters take their defaults, marked as ours) and the active one, in which
@@ -305,6 +349,7 @@ class SchedulerFrontend:
         what the scheduler does."""
         defaults = self._defaults()
         c = {**defaults, **config}
+        c.pop(APPLIED_KEY, None)
         listed = c.pop(UNAPPLIED_KEY, None) or ()
         if isinstance(listed, str) or not all(k in self._guarded_keys for k in listed):
             raise ValueError(f"{UNAPPLIED_KEY} must list keys of {self._guarded_keys}, got {listed!r}")
@@ -314,6 +359,9 @@ class SchedulerFrontend:
             used = [k for k in c.get("_use_default_values", ()) if k not in unapplied]
             if "_use_default_values" in c:
                 c["_use_default_values"] = used
+        applied = {k: c[k] for k in self._guarded_keys if c[k] != defaults[k] and k not in unapplied}
+        if applied:
+            c[APPLIED_KEY] = applied
         c[OWN_MARK] = package_version()
         return FrozenConfig(c), FrozenConfig({**c, **{k: defaults[k] for k in unapplied}})
 
@@ -357,7 +405,10 @@ class SchedulerFrontend:
         merged = dict(value)
         declined, ignored = {}, {}
         for key in self._guarded_keys:
-            if key not in value or value[key] == current[key]:
+            if key not in value:  # a partial replacement leaves the guarded keys it does not name as they are
+                merged[key] = current[key]
+                continue
+            if value[key] == current[key]:
                 continue
             if key not in unapplied and current[key] != defaults[key]:
                 merged[key] = current[key]
@@ -373,13 +424,16 @@ class SchedulerFrontend:
                 {**declined, **ignored},
                 {k: current[k] for k in declined} or "the results",
             )
-        self._apply_config({**merged, UNAPPLIED_KEY: sorted(unapplied)})
+        changed = {*declined, *ignored, *(k for k in self._guarded_keys if k not in value)}
+        used = [k for k in merged.get("_use_default_values", ()) if k not in changed]
+        self._apply_config({**merged, UNAPPLIED_KEY: sorted(unapplied), "_use_default_values": used})
 
     def register_to_config(self, **kwargs: Any) -> None:
         """Update config keys (diffusers' API); the schedule is rebuilt and must be set again. The keys given are
         explicit, so they are applied."""
         unapplied = self._still_unapplied(self._config.get(UNAPPLIED_KEY, ()), self._config, kwargs)
-        self._apply_config({**self._config, **kwargs, UNAPPLIED_KEY: unapplied})
+        used = [k for k in self._config.get("_use_default_values", ()) if k not in kwargs]
+        self._apply_config({**self._config, **kwargs, UNAPPLIED_KEY: unapplied, "_use_default_values": used})
 
     @classmethod
     def _still_unapplied(cls, candidates: Any, config: Mapping[str, Any], explicit: Mapping[str, Any]) -> list[str]:
@@ -425,18 +479,19 @@ class SchedulerFrontend:
                 f"{cls.__name__}.from_config got unknown parameters {sorted(unused)}; accepted: {sorted(params)}"
             )
         overrides = {k: v for k, v in kwargs.items() if k in params}
-        candidates = config.get(UNAPPLIED_KEY, ()) if is_own_config(config) else cls._guarded_keys
+        # a guarded key is ours (applied) only where a config of ours recorded applying this very value
+        applied = (config.get(APPLIED_KEY) or {}) if is_own_config(config) else {}
+        candidates = [k for k in cls._guarded_keys if not (k in applied and applied[k] == init.get(k))]
         unapplied = cls._still_unapplied(candidates, init, overrides)
-        extras.pop(UNAPPLIED_KEY, None)
+        for key in (UNAPPLIED_KEY, APPLIED_KEY, OWN_MARK):
+            extras.pop(key, None)
         later = {k: init[k] for k in unapplied}  # kept in the config, but the constructor does not see them
         # another scheduler's keys that its config marked as defaults stay marked (so converting back gives that
         # scheduler its defaults, not fixed choices)
         carried = [k for k in config.get("_use_default_values", ()) if k in extras]
-        token = _FROM_CONFIG.set((extras, later, carried))
-        try:
-            scheduler = cls(**{k: v for k, v in {**init, **overrides}.items() if k not in later})
-        finally:
-            _FROM_CONFIG.reset(token)
+        scheduler = cls.__new__(cls)
+        scheduler.__dict__["_handoff"] = (extras, later, carried, tuple(overrides))  # read by _init_config
+        scheduler.__init__(**{k: v for k, v in {**init, **overrides}.items() if k not in later})  # type: ignore[misc]
         if unapplied:
             given = ", ".join(f"{k}={init[k]!r}" for k in unapplied)
             logger.info(
@@ -469,6 +524,11 @@ class SchedulerFrontend:
         ``cache_dir``, ``revision``, ``token``, ``local_files_only``, ``force_download``, ``proxies`` are passed on."""
         hub_keys = ("cache_dir", "revision", "token", "local_files_only", "force_download", "proxies")
         hub = {k: kwargs.pop(k) for k in hub_keys if k in kwargs}
+        # what diffusers' loaders pass to every component; a scheduler config has no variant or dtype
+        for key in ("variant", "torch_dtype", "dtype", "user_agent", "use_safetensors", "low_cpu_mem_usage"):
+            kwargs.pop(key, None)
+        if kwargs.pop("dduf_entries", None):
+            raise NotImplementedError(f"{cls.__name__}.from_pretrained cannot read DDUF archives; unpack it first")
         config = load_config_file(pretrained_model_name_or_path, subfolder, **hub)
         return cls.from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
 

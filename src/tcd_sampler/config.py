@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "APPLIED_KEY",
     "CONFIG_NAME",
     "OWN_MARK",
     "UNAPPLIED_KEY",
@@ -46,11 +47,20 @@ OWN_MARK = "_tcd_sampler_version"
 #: config; see ``SchedulerFrontend``).
 UNAPPLIED_KEY = "_tcd_sampler_unapplied"
 
+#: Private key recording the guarded values a scheduler of ours applied (key → value). A config that went through
+#: another scheduler keeps our private keys, so a guarded key counts as ours only while its value is still the one
+#: recorded here.
+APPLIED_KEY = "_tcd_sampler_applied"
+
 #: Class-name fragments of diffusers' flow-matching schedulers.
 _FLOW_CLASSES = ("FlowMatch",)
 
 #: Keys only discrete-VP (beta-schedule) configs carry.
 _VP_KEYS = ("beta_start", "beta_end", "beta_schedule", "trained_betas")
+
+#: Keys only flow-matching configs carry (a config built in memory has no ``_class_name``).
+_FLOW_KEYS = ("use_dynamic_shifting", "base_image_seq_len", "max_image_seq_len", "invert_sigmas", "shift_terminal",
+              "time_shift_type", "stochastic_sampling")  # fmt: skip
 
 
 @functools.cache
@@ -79,6 +89,8 @@ def config_family(config: Mapping[str, Any]) -> str | None:
         return "flow"
     if any(k in config for k in _VP_KEYS):
         return "vp"
+    if any(k in config for k in _FLOW_KEYS):
+        return "flow"
     return None
 
 

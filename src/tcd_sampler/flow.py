@@ -28,7 +28,6 @@ from ._frontend import (
     check_generator,
     check_int,
     check_number,
-    lazy_tensor,
     record_explicit_keys,
 )
 from .sampling import tcd_table
@@ -45,7 +44,7 @@ class FlowMatchTCDSchedulerOutput(StepOutput):
     Attributes:
         prev_sample: the next model input, ``x`` at the next sigma.
         pred_noised_sample: ``x_s``, the denoised estimate carried to ``σ_s = (1 − γ)·σ_next``.
-        pred_original_sample: ``x̂0 = x − σ·u``, computed when first read (the step does not need it).
+        pred_original_sample: ``x̂0 = x − σ·u``.
 
     As diffusers' flow schedulers, its one key and its tuple form (``return_dict=False``) are ``prev_sample``; the
     other two are attributes.
@@ -107,12 +106,11 @@ class FlowMatchTCDScheduler(SchedulerFrontend):
         stochastic_sampling: bool = False,
         gamma: float = 0.3,
     ) -> None:
-        explicit: set[str] = getattr(self, "_explicit_keys", set())
-        if stochastic_sampling is True and gamma != 1.0 and {"stochastic_sampling", "gamma"} <= explicit:
+        if stochastic_sampling is True and gamma != 1.0 and {"stochastic_sampling", "gamma"} <= self._caller_keys():
             raise ValueError(
                 f"stochastic_sampling=True means gamma=1, but gamma={gamma} was passed too; pass one of them"
             )
-        self._init_config({k: v for k, v in locals().items() if k not in ("self", "__class__", "explicit")})
+        self._init_config({k: v for k, v in locals().items() if k not in ("self", "__class__")})
 
     # ------------------------------------------------------------------ config
 
@@ -195,7 +193,7 @@ class FlowMatchTCDScheduler(SchedulerFrontend):
     def timesteps(self, value: torch.Tensor | Sequence[float]) -> None:
         """Assigning timesteps sets the sigmas to ``timesteps / T`` (ending at the clean end): everything the step
         reads follows, and the next step starts a new loop."""
-        t = torch.as_tensor(value, dtype=torch.float32)
+        t = torch.as_tensor(value, dtype=torch.float32).clone()  # never alias the caller's tensor
         T = float(self._config["num_train_timesteps"])
         self._check_values("timesteps", t.cpu().numpy(), 0.0, T, descending=not self._config["invert_sigmas"])
         end = torch.ones(1) if self._config["invert_sigmas"] else torch.zeros(1)
@@ -210,7 +208,7 @@ class FlowMatchTCDScheduler(SchedulerFrontend):
     @sigmas.setter
     def sigmas(self, value: torch.Tensor | Sequence[float]) -> None:
         """Assigning sigmas (with the clean end, as :attr:`sigmas` holds them) sets the timesteps to ``σ·T``."""
-        sig = torch.as_tensor(value, dtype=torch.float32)
+        sig = torch.as_tensor(value, dtype=torch.float32).clone()
         self._check_values("sigmas", sig.cpu().numpy(), 0.0, 1.0, descending=not self._config["invert_sigmas"])
         if len(sig) < 2:
             raise ValueError("sigmas must hold at least one step and the clean end")
@@ -220,6 +218,7 @@ class FlowMatchTCDScheduler(SchedulerFrontend):
         self._set_schedule(timesteps, sigmas)
         self.num_inference_steps = len(timesteps)
         self._step_index = None
+        self._restart_noise()
 
     def set_timesteps(
         self,
@@ -340,21 +339,38 @@ class FlowMatchTCDScheduler(SchedulerFrontend):
         model_output: torch.Tensor,
         timestep: float | torch.Tensor,
         sample: torch.Tensor,
+        s_churn: float = 0.0,
+        s_tmin: float = 0.0,
+        s_tmax: float = float("inf"),
+        s_noise: float = 1.0,
         generator: torch.Generator | list[torch.Generator] | None = None,
+        per_token_timesteps: torch.Tensor | None = None,
         return_dict: bool = True,
         *,
         gamma: float | None = None,
     ) -> FlowMatchTCDSchedulerOutput | tuple[torch.Tensor]:
         """One TCD step on the flow path from ``sample`` at ``timestep`` with the model's velocity ``model_output``.
 
+        The signature is ``FlowMatchEulerDiscreteScheduler.step``'s, so calls written for it work unchanged.
+
         Args:
             model_output: the velocity ``u = ε − x0`` predicted at ``(sample, timestep)``.
             timestep: the current timestep (one of ``self.timesteps``); read on the first step of a loop.
             sample: the current latents (computed in float32, returned in ``model_output``'s dtype, as diffusers).
-            generator: for the noise; default ``self.generator``.
+            s_churn, s_tmin, s_tmax, s_noise: accepted for compatibility; diffusers' flow scheduler does not use
+                them either, and values other than their defaults are an error (TCD's stochasticity is ``gamma``).
+            generator: for the noise; default :attr:`generator`, else the :attr:`noise_seed` one.
+            per_token_timesteps: per-token timesteps (LTX-Video conditioning); not supported, an error if given.
             return_dict: return a :class:`FlowMatchTCDSchedulerOutput` (default) or ``(prev_sample,)``.
             gamma: override the configured stochasticity for this call.
         """
+        if (s_churn, s_tmin, s_tmax, s_noise) != (0.0, 0.0, float("inf"), 1.0):
+            raise ValueError(
+                "s_churn, s_tmin, s_tmax and s_noise have no effect on a flow-matching step (diffusers ignores them "
+                f"too), got {(s_churn, s_tmin, s_tmax, s_noise)}; TCD's stochasticity is gamma"
+            )
+        if per_token_timesteps is not None:
+            raise NotImplementedError("FlowMatchTCDScheduler does not support per_token_timesteps")
         self._check_step_inputs(model_output, timestep, sample, generator)
         table = self.step_table(gamma)
         i = self._advance(timestep, len(table))
@@ -371,7 +387,7 @@ class FlowMatchTCDScheduler(SchedulerFrontend):
         dtype = model_output.dtype
         if not return_dict:
             return (prev.to(dtype),)
-        x0 = lazy_tensor(lambda: flow_x0(u, x, row.sigma_t).to(dtype), u, x)
+        x0 = flow_x0(u, x, row.sigma_t).to(dtype)  # from the inputs as they are now, which the caller may reuse
         return FlowMatchTCDSchedulerOutput(prev.to(dtype), pred_noised_sample=x_s.to(dtype), pred_original_sample=x0)
 
     # ------------------------------------------------------------ forward path

@@ -12,6 +12,7 @@ or :class:`DiscreteVPTime` for a discrete VP model, which reproduces a ``TCDSche
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -160,6 +161,15 @@ def tcd_table(
     return build_table(now, nxt, s_sigma, path, gamma, draws)
 
 
+def _names_seed(model: Callable[..., Any]) -> bool:
+    """Whether ``model`` has a parameter called ``seed`` (ComfyUI's ``KSamplerX0Inpaint`` has; a k-diffusion
+    denoiser, which hands every keyword to the network, has not)."""
+    try:
+        return "seed" in inspect.signature(model).parameters
+    except (TypeError, ValueError):  # no signature (some builtins)
+        return False
+
+
 def _noise_seed(seed: Any, seed_from_args: Any, noise_sampler: NoiseSampler | None) -> int | None:
     """The seed of the default noise sampler: ``seed=``, or ComfyUI's ``extra_args["seed"]`` (consumed there, not
     passed to the model). A ``noise_sampler`` decides the noise itself: with ``seed=`` too it is an error, while
@@ -198,7 +208,10 @@ def _sample(
     if flow and sig_host[0] > 1:
         raise ValueError(f"rectified-flow sigmas must lie in [0, 1], got {sig_host[0]}")
     extra_args = {} if extra_args is None else dict(extra_args)  # the caller's dict is left as it was
-    seed = _noise_seed(seed, extra_args.pop("seed", None), noise_sampler)
+    seed_from_args = extra_args.pop("seed", None)
+    if seed_from_args is not None and _names_seed(model):  # ComfyUI's model wrappers take it, as its samplers pass it
+        extra_args["seed"] = seed_from_args
+    seed = _noise_seed(seed, seed_from_args, noise_sampler)
     table = tcd_table(sig_host.tolist(), gamma, time, flow, device=x.device)
     if noise_sampler is None:
         generator = None if seed is None else torch.Generator(device=x.device).manual_seed(seed)
@@ -239,7 +252,8 @@ def sample_tcd(
         model: ``model(x, sigma * s_in, **extra_args) → x̂0`` (a k-diffusion/ComfyUI denoiser).
         x: the starting latent, already scaled to ``sigmas[0]`` (``noise * sigmas[0]``), ``(B, …)``.
         sigmas: descending sigmas, usually ending at 0.
-        extra_args: keyword arguments for the model (conditioning); a "seed" key is the noise seed, not passed on.
+        extra_args: keyword arguments for the model (conditioning). A ``"seed"`` key (ComfyUI sends one) is the
+            noise seed; it is passed on only to a model with a ``seed`` parameter (ComfyUI's own wrappers).
         callback: called after each model call with ``{"x", "i", "sigma", "sigma_hat", "denoised"}``.
         disable: disable the tqdm progress bar.
         gamma: stochasticity in [0, 1]: 0 deterministic (DDIM-like), 1 LCM's multistep sampling. Default 0.3.

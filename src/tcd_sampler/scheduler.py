@@ -58,7 +58,9 @@ class TCDSchedulerOutput(StepOutput):
     Attributes:
         prev_sample: ``x_t'``, the input of the next model call, shape of the sample.
         pred_noised_sample: ``x_s``, the denoised estimate carried to time ``s``.
-        pred_original_sample: ``x̂0`` after clipping/thresholding (with ``fused_step``, computed when first read).
+        pred_original_sample: ``x̂0`` after clipping/thresholding. With ``fused_step`` it is computed when first read,
+            which raises if ``model_output`` or ``sample`` were changed in place since (read it before reusing them
+            through ``.data``, numpy views or CUDA graph replays, which torch does not count).
 
     As diffusers' ``TCDSchedulerOutput``: a mapping whose keys are ``prev_sample`` and ``pred_noised_sample``, and
     whose tuple form (``to_tuple()``, ``out[0]``, ``step(..., return_dict=False)``) is the pair of them;
@@ -239,6 +241,7 @@ class TCDScheduler(SchedulerFrontend):
         self.num_inference_steps = len(arr)
         self.custom_timesteps = True
         self._step_index = None
+        self._restart_noise()
 
     def set_timesteps(
         self,

@@ -50,8 +50,9 @@ def tcd_schedule(grid: np.ndarray, num_inference_steps: int, spacing: str = "lea
     the whole grid with both ends included (one step: the top).
     """
     if spacing == "trailing":
+        # DDIM's own float arithmetic (np.arange with a float step), of which its first n points
         size = len(grid)
-        picked = [round(size - i * size / num_inference_steps) - 1 for i in range(num_inference_steps)]
+        picked = np.round(np.arange(size, 0, -size / num_inference_steps)).astype(np.int64)[:num_inference_steps] - 1
         return grid[picked]
     if spacing == "linspace":
         # from the top down, so that a single step starts at the top of the grid
