@@ -273,3 +273,13 @@ def test_a_scheduler_built_inside_a_constructor_does_not_take_the_outer_config()
     assert outer.config.steps_offset == 1
     assert outer.config["_tcd_sampler_unapplied"] == ["set_alpha_to_one", "steps_offset"]
     assert all(h.config.steps_offset == 0 and "_tcd_sampler_unapplied" not in h.config for h in helpers)
+
+
+def test_boundary_mode_takes_lcms_clipping_from_its_config() -> None:
+    """LCMScheduler clips: in the consistency-boundary mode a config's clip_sample applies, as in the reference."""
+    lcm_config = dict(diffusers.LCMScheduler(clip_sample=True, clip_sample_range=0.5).config)
+    ours = TCDScheduler.from_config(lcm_config, consistency_boundary=True)
+    mine, ref = lcm_loops(ours, diffusers.LCMScheduler.from_config(lcm_config), steps=4, eta=1.0, scale=3.0)
+    assert torch.equal(mine, ref)
+    assert "_tcd_sampler_unapplied" not in TCDScheduler.from_config(lcm_config, consistency_boundary=True).config
+    assert TCDScheduler.from_config(lcm_config).config["_tcd_sampler_unapplied"] == ["clip_sample"]

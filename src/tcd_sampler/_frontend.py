@@ -482,6 +482,7 @@ class SchedulerFrontend:
         # a guarded key is ours (applied) only where a config of ours recorded applying this very value
         applied = (config.get(APPLIED_KEY) or {}) if is_own_config(config) else {}
         candidates = [k for k in cls._guarded_keys if not (k in applied and applied[k] == init.get(k))]
+        candidates = [k for k in candidates if k not in cls._live_in_reference({**init, **overrides})]
         unapplied = cls._still_unapplied(candidates, init, overrides)
         for key in (UNAPPLIED_KEY, APPLIED_KEY, OWN_MARK):
             extras.pop(key, None)
@@ -507,6 +508,11 @@ class SchedulerFrontend:
                 "it" if len(unapplied) == 1 else "them",
             )
         return (scheduler, unused) if return_unused_kwargs else scheduler
+
+    @classmethod
+    def _live_in_reference(cls, config: Mapping[str, Any]) -> tuple[str, ...]:
+        """Guarded keys that the reference of this configuration does apply (so they are not guarded in it)."""
+        return ()
 
     #: What results a guarded key would move away from (for the log line of :meth:`from_config`).
     _reference: ClassVar[str] = "the reference's"

@@ -77,7 +77,8 @@ class TCDScheduler(SchedulerFrontend):
 
     **Keys from someone else's config.** ``steps_offset``, ``set_alpha_to_one``, ``timestep_spacing``,
     ``clip_sample`` and ``thresholding`` do nothing in diffusers' ``TCDScheduler`` (and ``set_alpha_to_one`` nothing in
-    its ``LCMScheduler``), and stock configs carry values of them meant for other schedulers (SD/SDXL:
+    its ``LCMScheduler``, which does clip and threshold, so those two apply in the consistency-boundary mode), and
+    stock configs carry values of them meant for other schedulers (SD/SDXL:
     ``steps_offset=1``; SD1.5: ``set_alpha_to_one=False``). So they take effect only when passed explicitly (to the
     constructor, ``from_config(config, key=value)`` or ``register_to_config``) or when they come from a config this
     package saved. Otherwise the value is kept in ``config`` (and listed under ``_tcd_sampler_unapplied``) but the
@@ -131,6 +132,11 @@ class TCDScheduler(SchedulerFrontend):
     _guarded_keys = ("steps_offset", "set_alpha_to_one", "timestep_spacing", "clip_sample", "thresholding")
     _other_family = "FlowMatchTCDScheduler"
     _reference = "diffusers' TCDScheduler (and LCMScheduler in the consistency-boundary mode)"
+
+    @classmethod
+    def _live_in_reference(cls, config: Mapping[str, Any]) -> tuple[str, ...]:
+        """In the consistency-boundary mode the reference is ``LCMScheduler``, which clips and thresholds."""
+        return ("clip_sample", "thresholding") if config.get("consistency_boundary") else ()
 
     @record_explicit_keys
     def __init__(
