@@ -47,13 +47,15 @@ def reps_for(shape: tuple[int, ...], quick: bool) -> tuple[int, int]:
     return (max(reps // 5, 20), 10) if quick else (reps, reps // 10)
 
 
-def one_step(sched: Any, shape: tuple[int, ...], eta: float | None, flow: bool = False) -> Callable[[], Any]:
+def one_step(
+    sched: Any, shape: tuple[int, ...], eta: float | None, flow: bool = False, return_dict: bool = True
+) -> Callable[[], Any]:
     """A closure timing one middle step (index 1) of a 4-step schedule."""
     sched.set_timesteps(4)
     x, m = torch.randn(shape), torch.randn(shape)
     t = sched.timesteps[1]
     generator = torch.Generator().manual_seed(0)
-    kwargs: dict[str, Any] = {"generator": generator}
+    kwargs: dict[str, Any] = {"generator": generator, "return_dict": return_dict}
     if not flow:
         kwargs["eta"] = eta
 
@@ -117,16 +119,23 @@ def main() -> None:
             )
 
     print("\nFlow latents: FlowMatchTCDScheduler against FlowMatchEulerDiscreteScheduler (stochastic for gamma > 0)")
-    print("| latent | gamma | ours | diffusers | ratio | floor | ours/floor |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("(return_dict=False is how the flow pipelines call it; the output object also carries x̂0, which diffusers'")
+    print("flow output does not have)")
+    print("| latent | gamma | return_dict | ours | diffusers | ratio | floor | ours/floor |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|")
     reps, warm = reps_for(FLOW_SHAPE, args.quick)
     for gamma in (0.0, 0.3):
-        ours = median_us(one_step(FlowMatchTCDScheduler(shift=3.0, gamma=gamma), FLOW_SHAPE, None, True), reps, warm)
-        ref_sched = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0, stochastic_sampling=gamma > 0)
-        ref = median_us(one_step(ref_sched, FLOW_SHAPE, None, True), reps, warm)
-        low = median_us(floor(FLOW_SHAPE, noise=gamma > 0), reps, warm)
-        name = "×".join(map(str, FLOW_SHAPE))
-        print(f"| {name} | {gamma} | {ours:.1f} | {ref:.1f} | {ref / ours:.2f} | {low:.1f} | {ours / low:.2f} |")
+        for as_dict in (False, True):
+            ours_sched = FlowMatchTCDScheduler(shift=3.0, gamma=gamma)
+            ours = median_us(one_step(ours_sched, FLOW_SHAPE, None, True, as_dict), reps, warm)
+            ref_sched = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0, stochastic_sampling=gamma > 0)
+            ref = median_us(one_step(ref_sched, FLOW_SHAPE, None, True, as_dict), reps, warm)
+            low = median_us(floor(FLOW_SHAPE, noise=gamma > 0), reps, warm)
+            name = "×".join(map(str, FLOW_SHAPE))
+            print(
+                f"| {name} | {gamma} | {as_dict} | {ours:.1f} | {ref:.1f} | {ref / ours:.2f} | {low:.1f} "
+                f"| {ours / low:.2f} |"
+            )
 
     print("\n| operation | ours | diffusers | diffusers/ours |")
     print("|---|---:|---:|---:|")

@@ -152,13 +152,15 @@ def lazy_tensor(
     does not count (through ``.data``, a numpy or DLPack view, a CUDA graph replay into the same memory) are not
     seen: this is used only on the opt-in ``fused_step`` path, whose docs say to read ``pred_original_sample``
     before reusing the inputs that way."""
-    versions = [_version(t) for t in inputs]
-    capturing = _cuda_available() and torch.cuda.is_current_stream_capturing()
-    if capturing or None in versions:
+    try:
+        versions = tuple(t._version for t in inputs)
+    except RuntimeError:  # inference-mode tensors keep no version counter
+        return compute()
+    if _cuda_available() and torch.cuda.is_current_stream_capturing():
         return compute()
 
     def checked() -> torch.Tensor:
-        if [_version(t) for t in inputs] != versions:
+        if tuple(_version(t) for t in inputs) != versions:
             raise RuntimeError(
                 "pred_original_sample is computed on first read from step's inputs, which have been modified in "
                 "place since; read it before changing model_output or sample (or use fused_step=False)"
@@ -655,6 +657,16 @@ class SchedulerFrontend:
     def _check_step_inputs(model_output: Any, timestep: Any, sample: Any, generator: Any = None) -> None:
         """``step``'s arguments: floating-point tensors of one shape; a number or tensor timestep; a generator, or
         one per batch item."""
+        if (  # the common case, checked in a few attribute reads
+            type(model_output) is torch.Tensor
+            and type(sample) is torch.Tensor
+            and type(timestep) in (torch.Tensor, int)
+            and generator is None
+            and model_output.is_floating_point()
+            and sample.is_floating_point()
+            and model_output.shape == sample.shape
+        ):
+            return
         check_float_tensor("model_output", model_output)
         check_float_tensor("sample", sample)
         if model_output.shape != sample.shape:

@@ -230,6 +230,7 @@ class TCDScheduler(SchedulerFrontend):
         self._timesteps_host: tuple[int, ...] = tuple(np.asarray(timesteps, dtype=np.int64).tolist())
         self._timesteps = torch.from_numpy(np.asarray(timesteps, dtype=np.int64)).to(device)
         self._tables: dict[tuple[float, torch.dtype], StepTable] = {}
+        self._requested: dict[tuple[float | None, torch.dtype], StepTable] = {}
         self._folded: dict[tuple[float, torch.dtype], tuple[LinearRow, ...]] = {}
 
     @property
@@ -358,8 +359,12 @@ class TCDScheduler(SchedulerFrontend):
     def step_table(self, eta: float | None = None, dtype: torch.dtype = torch.float32) -> StepTable:
         """The per-step coefficients of the current schedule for ``eta ∈ [0, 1]`` (None: the config's ``eta``) in
         the working precision of ``dtype``, built once per value and cached until the schedule changes."""
+        known = self._requested.get((eta, dtype))  # a request seen before in this schedule: no checks again
+        if known is not None:
+            return known
         if self.num_inference_steps is None:
             raise ValueError("set_timesteps must be called before step")
+        request = (eta, dtype)
         eta = float(self._config["eta"]) if eta is None else check_number("eta", eta, 0.0, 1.0)
         work = working_dtype(dtype)
         table = self._tables.get((eta, work))
@@ -372,6 +377,8 @@ class TCDScheduler(SchedulerFrontend):
             if self._fused:
                 prediction = self._config["prediction_type"]
                 self._folded[(eta, work)] = tuple(fold_row(row, prediction) for row in table.rows)
+        if type(request[0]) in (float, int, type(None)):  # hashable as itself (numpy scalars are looked up anew)
+            self._requested[request] = table
         return table
 
     def step(
