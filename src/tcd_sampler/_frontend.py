@@ -36,7 +36,6 @@ from .config import (
 
 logger = logging.getLogger("tcd_sampler")
 
-
 __all__ = [
     "SchedulerFrontend",
     "StepOutput",
@@ -315,7 +314,8 @@ class SchedulerFrontend:
     #: Parameters whose effect here would move the results away from the reference's when their value comes from
     #: someone else's config (diffusers' TCDScheduler ignores them; SD/SDXL configs carry ``steps_offset=1``).
     #: Such a value is kept in the config but not applied (listed under ``_tcd_sampler_unapplied``) unless the
-    #: caller passes the key explicitly or the config is one this package wrote.
+    #: caller passes the key explicitly or a config this package wrote records applying that very value
+    #: (``_tcd_sampler_applied``).
     _guarded_keys: ClassVar[tuple[str, ...]] = ()
     #: A guarded key whose effect an explicitly passed parameter replaces (key → that parameter).
     _overridden_by: ClassVar[dict[str, str]] = {}
