@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import trange
 
 from ._frontend import check_float_tensor, check_number
+from .core.predictions import PREDICTION_TYPES, prediction
 from .paths import flow_alpha_sigma, ve_alpha_sigma
 from .step import StepTable, build_table, target_timesteps, tcd_step
 
@@ -103,19 +104,17 @@ class DiscreteVPTime:
         """Wrap a discrete VP network ``model(x_t, t, **kw)`` (diffusers' UNet convention) into a VE denoiser
         ``(x, sigma, **kw) → x̂0`` for the samplers here; ``prediction_type`` as in ``TCDScheduler``."""
 
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+        convert = prediction(prediction_type).convert
+
         def denoise(x: torch.Tensor, sigma: torch.Tensor, **kwargs: Any) -> torch.Tensor:
             t = self.sigma_to_t(sigma)
             shape = (-1,) + (1,) * (x.ndim - 1)
             s = sigma.to(x.dtype).reshape(shape)
-            c_in = (s**2 + 1).rsqrt()  # α_t: x_vp = α_t·x_ve
-            out = model(x * c_in, t, **kwargs)
-            if prediction_type == "epsilon":
-                return x - s * out
-            if prediction_type == "v_prediction":
-                return c_in * (x * c_in - s * out)  # x̂0 = α·x_vp − σ_vp·v with α = c_in, σ_vp = σ·c_in
-            if prediction_type == "sample":
-                return out
-            raise ValueError(f"prediction_type must be epsilon, v_prediction or sample, got {prediction_type!r}")
+            c_in = (s**2 + 1).rsqrt()  # α_t: x_vp = α_t·x_ve, σ_vp = σ·α_t
+            x_vp = x * c_in
+            return convert(model(x_vp, t, **kwargs), x_vp, c_in, s * c_in)[0]  # x̂0 is the same in both scalings
 
         return denoise
 

@@ -19,13 +19,14 @@ at the boundary.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+
+from .core.predictions import FLOW, PREDICTION_TYPES, prediction
 
 __all__ = [
     "FLOW",
@@ -50,11 +51,6 @@ __all__ = [
     "working_dtype",
 ]
 
-#: Accepted values of ``prediction_type`` on VP paths.
-PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
-
-#: The prediction type of flow-matching models: the velocity ``u = ε − x0`` on ``x_t = (1 − t)·x0 + t·ε``.
-FLOW = "flow"
 
 #: ``σ_d`` of the consistency boundary condition (LCM).
 SIGMA_DATA = 0.5
@@ -236,21 +232,9 @@ def _table(
 def convert_output(
     prediction_type: str, model_output: torch.Tensor, sample: torch.Tensor, alpha: float, sigma: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Model output ``m`` at ``x_t = sample`` → ``(x̂0, ε̂)`` on a path with ``(α_t, σ_t) = (alpha, sigma)``.
-
-    ``epsilon``: ``x̂0 = (x − σ·m)/α, ε̂ = m``; ``sample``: ``x̂0 = m, ε̂ = (x − α·m)/σ``;
-    ``v_prediction``: ``x̂0 = α·x − σ·m, ε̂ = α·m + σ·x``; ``flow`` (velocity ``u = ε − x0``):
-    ``x̂0 = x − σ·u, ε̂ = x + α·u``.
-    """
-    if prediction_type == "epsilon":
-        return (sample - sigma * model_output) / alpha, model_output
-    if prediction_type == "sample":
-        return model_output, (sample - alpha * model_output) / sigma
-    if prediction_type == "v_prediction":
-        return alpha * sample - sigma * model_output, alpha * model_output + sigma * sample
-    if prediction_type == FLOW:
-        return sample - sigma * model_output, sample + alpha * model_output
-    raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+    """Model output ``m`` at ``x_t = sample`` → ``(x̂0, ε̂)`` on a path with ``(α_t, σ_t) = (alpha, sigma)``, by the
+    registry entry of ``prediction_type`` (:mod:`tcd_sampler.core.predictions`)."""
+    return prediction(prediction_type).convert(model_output, sample, alpha, sigma)
 
 
 def clip_x0(x0: torch.Tensor, clip_range: float) -> torch.Tensor:
@@ -360,15 +344,10 @@ class LinearRow:
 def fold_row(row: StepRow, prediction_type: str) -> LinearRow:
     """Fold a step without clipping/thresholding into :class:`LinearRow` coefficients, in float64.
 
-    ``x̂0 = a·x + b·m`` by prediction type (then the boundary condition ``c_out·x̂0 + c_skip·x``), and
-    ``x_s = (σ_s/σ_t)·x + (α_s − σ_s·α_t/σ_t)·x̂0``, the DDIM jump with ``ε̂ = (x − α_t·x̂0)/σ_t``."""
+    ``x̂0 = a·x + b·m`` by the prediction registry's ``x0_map`` (then the boundary condition ``c_out·x̂0 + c_skip·x``),
+    and ``x_s = (σ_s/σ_t)·x + (α_s − σ_s·α_t/σ_t)·x̂0``, the DDIM jump with ``ε̂ = (x − α_t·x̂0)/σ_t``."""
     a_t, s_t, a_s, s_s = row.alpha_t, row.sigma_t, row.alpha_s, row.sigma_s
-    a, b = {
-        "epsilon": (1.0 / a_t if a_t else math.inf, -s_t / a_t if a_t else -math.inf),
-        "sample": (0.0, 1.0),
-        "v_prediction": (a_t, -s_t),
-        FLOW: (1.0, -s_t),
-    }[prediction_type]
+    a, b = prediction(prediction_type).x0_map(a_t, s_t)
     if row.boundary:
         a, b = row.c_out * a + row.c_skip, row.c_out * b
     if row.s == row.t:  # a last step at t = 0: x_s is x_t

@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .core.predictions import prediction
+
 __all__ = ["GaussianMixture", "evaluate", "gmm16", "mode_weight_tv", "ring2d", "sharpness", "sliced_w2"]
 
 
@@ -70,18 +72,15 @@ class GaussianMixture:
         """``model(x_t, t)`` for a discrete VP schedule (diffusers' UNet convention): ``epsilon``, ``sample`` or
         ``v_prediction`` output at integer timesteps ``t`` (scalar or per sample)."""
         acp = alphas_cumprod.double()
+        target = prediction(prediction_type).target
 
         def model(x: torch.Tensor, t: Any) -> torch.Tensor:
             tt = torch.as_tensor(t).long().reshape(-1)
             alpha, sigma = acp[tt].sqrt(), (1 - acp[tt]).sqrt()
             x0 = self.posterior_mean(x, alpha, sigma).double()
             a, s = alpha[:, None], sigma[:, None]
-            if prediction_type == "sample":
-                out = x0
-            else:
-                eps = (x.double() - a * x0) / s
-                out = eps if prediction_type == "epsilon" else a * eps - s * x0
-            return out.to(x.dtype)
+            eps = (x.double() - a * x0) / s
+            return target(x0, eps, a, s).to(x.dtype)
 
         return model
 
