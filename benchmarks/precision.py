@@ -1,5 +1,5 @@
 """Half-precision accuracy: full TCD loops in float16/bfloat16/float32, ours and diffusers', against a float64
-reference of GUIDE §1 with the same noise. Prints a markdown table of max|x − x64| / max|x64|.
+reference of the TCD step with the same noise. Prints a markdown table of max|x − x64| / max|x64|.
 
 Run: .venv/bin/python benchmarks/precision.py
 """

@@ -72,7 +72,7 @@ def reference_loop64(
     noises: Sequence[torch.Tensor] | None = None,
     model: Callable[[torch.Tensor, Any], torch.Tensor] = toy_model,
 ) -> torch.Tensor:
-    """GUIDE §1 written out naively in float64, the model evaluated in float64 too.
+    """The TCD step (step.py's module docstring) written out naively in float64, the model evaluated in float64 too.
 
     ``noises[i]`` is the ``z`` of step ``i`` (None entries where no noise is drawn)."""
     acp = alphas_cumprod.double()

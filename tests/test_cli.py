@@ -351,13 +351,18 @@ def test_flow_img2img_runs_a_step_for_any_strength(
 
 def test_minimum_strength() -> None:
     with pytest.raises(ValueError, match=r"1/49 ≈ 0\.02041 .* at least 50 for --strength 0\.02"):
-        pipelines._check_steps_and_strength(49, 0.02)
+        pipelines._check_steps_and_strength(49, 0.02, 1000)
     for steps in range(1, 300):  # the stated minimum is enough, and no smaller float is
         minimum = pipelines.minimum_strength(steps)
         assert int(steps * minimum) == 1 and int(steps * math.nextafter(minimum, 0.0)) == 0
-        pipelines._check_steps_and_strength(steps, minimum)
+        pipelines._check_steps_and_strength(steps, minimum, 1000)
         with pytest.raises(ValueError, match=f"1/{steps} ≈"):
-            pipelines._check_steps_and_strength(steps, math.nextafter(minimum, 0.0))
+            pipelines._check_steps_and_strength(steps, math.nextafter(minimum, 0.0), 1000)
+    for tiny in (1e-300, 5e-324):  # no hang, no overflow: no step count on the grid can help
+        with pytest.raises(ValueError, match="no step count up to 50 helps"):
+            pipelines._check_steps_and_strength(4, tiny, 50)
+    with pytest.raises(ValueError, match=r"--steps 51: .*50-point distillation grid"):
+        pipelines._check_steps_and_strength(51, None, 50)
     assert pipelines.minimum_strength(49) > 1 / 49  # 49 · (1/49) rounds down
 
 
@@ -624,7 +629,7 @@ def test_atomic_paths_permissions(tmp_path: Path) -> None:
     umask = os.umask(0o027)
     try:
         with atomic_paths(tmp_path / "a.json") as (temp,):
-            assert temp.parent == tmp_path and temp.name.endswith(".json") and temp.name.startswith(".a.json.")
+            assert temp.parent == tmp_path and temp.name.endswith(".json") and temp.name.startswith(".")
             temp.write_text("{}")
         assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o640
         (tmp_path / "a.json").chmod(0o604)
@@ -751,3 +756,47 @@ def test_legacy_scheduler_warnings_filtered_around_construction(
     if kind == "sd_inpaint":
         argv += ["--image", str(model_dirs["input"]), "--mask", str(model_dirs["mask"])]
     assert _future_warnings(lambda: main(argv)) == []
+
+
+@pytest.mark.usefixtures("no_load")
+def test_more_steps_than_the_grid_stop_before_loading(
+    model_dirs: dict[str, Path], out: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(generate_argv(model_dirs["sd"], out / "x.png", "--steps", "51"))
+    assert code == 2 and "--steps 51" in capsys.readouterr().err and list(out.iterdir()) == []
+
+
+def test_output_with_a_trailing_slash_names_a_folder(
+    model_dirs: dict[str, Path], out: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["generate", "--model", str(model_dirs["sd"]), "--prompt", "a cat", "--output", f"{out}/x.png/"]
+    assert main(argv) == 2
+    assert "names a folder" in capsys.readouterr().err and list(out.iterdir()) == []
+
+
+def test_atomic_paths_refuses_a_folder_target_before_writing(tmp_path: Path) -> None:
+    (tmp_path / "card.json").mkdir()
+    (tmp_path / "student.safetensors").write_text("old")
+    targets = (tmp_path / "student.safetensors", tmp_path / "card.json")
+    with pytest.raises(IsADirectoryError, match=r"card\.json is a folder"), atomic_paths(*targets) as temps:
+        for t in temps:
+            t.write_text("new")
+    assert (tmp_path / "student.safetensors").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["card.json", "student.safetensors"]
+
+
+@pytest.mark.parametrize("content", [b"{bad", b"", b"\xff\xfe\x00"])
+def test_schedule_config_errors_name_the_file(
+    tmp_path: Path, content: bytes, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_bytes(content)
+    assert main(["schedule", "--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad} is not a valid JSON file" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("missing", ["/nonexistent/sched", "./missing", "missing.json"])
+def test_schedule_config_missing_local_path(missing: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["schedule", "--config", missing]) == 2
+    assert f"{missing} does not exist" in capsys.readouterr().err

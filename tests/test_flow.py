@@ -1,5 +1,5 @@
 """FlowMatchTCDScheduler: gamma = 0 is diffusers' FlowMatchEulerDiscreteScheduler, gamma = 1 is its
-stochastic_sampling=True; in between it follows GUIDE §1 on the flow path (float64 reference)."""
+stochastic_sampling=True; in between it follows the TCD step on the flow path (float64 reference)."""
 
 from __future__ import annotations
 
@@ -92,7 +92,7 @@ def test_generator_set_on_the_scheduler() -> None:
 
 
 def reference_flow64(sigmas: list[float], x: torch.Tensor, gamma: float, noises: list[torch.Tensor]) -> torch.Tensor:
-    """GUIDE §1 on the flow path, naively in float64: α = 1 − σ, model output u = ε − x0."""
+    """The TCD step on the flow path, naively in float64: α = 1 − σ, model output u = ε − x0."""
     x = x.double()
     n = len(sigmas) - 1
     for i in range(n):

@@ -1,4 +1,4 @@
-"""Golden values from diffusers' own TCDScheduler test suite (GUIDE §2), run on our scheduler alone."""
+"""Golden values from diffusers' own TCDScheduler test suite, run on our scheduler alone."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Half precision: coefficients in float32 and one rounding at the end bring loops at least as close to a float64
-reference as diffusers' (which rounds every coefficient and intermediate to half). Numbers: docs/precision.md."""
+reference as diffusers' (which rounds every coefficient and intermediate to half). Numbers: docs/parity.md."""
 
 from __future__ import annotations
 

@@ -42,12 +42,18 @@ def folder_problem(folder: str | Path) -> str | None:
 def atomic_paths(*paths: str | Path) -> Iterator[list[Path]]:
     """Write files atomically: yields one temporary path per entry of ``paths``, in the same folder and with the
     same extension (so writers that infer the format from the name still work); when the block ends without an
-    error each is moved onto its target with :func:`os.replace` (in the order given), and when it raises every
-    temporary file is removed, leaving the targets as they were. The folders must exist.
+    error each is moved onto its target with :func:`os.replace`, one after another in the order given, and when it
+    raises every temporary file is removed, leaving the targets as they were. No file is ever half-written; with
+    several targets, a failure between two renames (a full disk cannot cause one) would leave the first ones new.
+    The folders must exist; a target that is a folder is refused before anything is written.
 
-    A temporary file is created as a plain ``open(path, "x")`` creates files (the umask applies), and a replaced
-    target's permissions carry over to its successor."""
+    A temporary file is created as a plain ``open(path, "x")`` creates files (the umask applies, unless the writer
+    sets its own mode), and a replaced target's permissions carry over to its successor. A process killed by a
+    signal may leave a hidden ``.*.tmp*`` file behind (never a target)."""
     targets = [Path(p) for p in paths]
+    for target in targets:
+        if target.is_dir():
+            raise IsADirectoryError(f"{target} is a folder; it cannot be replaced by a file")
     temps: list[Path] = []
     try:
         for target in targets:
@@ -65,7 +71,7 @@ def atomic_paths(*paths: str | Path) -> Iterator[list[Path]]:
 def _new_temp(target: Path) -> Path:
     """A new, empty, hidden file beside ``target`` with its extension."""
     while True:
-        temp = target.parent / f".{target.name}.{secrets.token_hex(4)}.tmp{target.suffix}"
+        temp = target.parent / f".{secrets.token_hex(4)}.tmp{target.suffix}"  # short: any valid target name fits
         try:
             with open(temp, "x"):
                 return temp

@@ -21,6 +21,7 @@ import importlib.metadata
 import importlib.util
 import json
 import math
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
@@ -120,10 +121,14 @@ def _guidance(text: str) -> float:
     return value
 
 
+#: The largest --width/--height accepted (16384 px: far beyond what the supported models generate).
+MAX_SIDE = 16384
+
+
 def _multiple_of_8(text: str) -> int:
     value: int = _positive_int(text)
-    if value % 8:
-        raise argparse.ArgumentTypeError(f"must be a positive multiple of 8, got {text}")
+    if value % 8 or value > MAX_SIDE:
+        raise argparse.ArgumentTypeError(f"must be a positive multiple of 8 up to {MAX_SIDE}, got {text}")
     return value
 
 
@@ -162,12 +167,13 @@ def _print_table(steps: int, gamma: float, rows: list[dict[str, float | int | bo
 
 def _load_schedule_config(config: str, overrides: dict[str, Any]) -> TCDScheduler:
     """``TCDScheduler.from_pretrained(config)``; a Hub lookup that fails says why and what to do instead."""
+    from .config import looks_local
     from .integrations.pipelines import hub_error_message
 
     try:
         return TCDScheduler.from_pretrained(config, **overrides)
     except OSError as err:
-        if Path(config).exists():
+        if Path(config).exists() or looks_local(config):
             raise
         hint = "pass --config a local scheduler_config.json or a folder holding one"
         raise MissingModelError(hub_error_message(config, "scheduler_config.json", err, hint)) from None
@@ -196,6 +202,8 @@ def _cmd_schedule(args: argparse.Namespace) -> int:
 def _cmd_generate(args: argparse.Namespace) -> int:
     from .integrations.pipelines import GenerationRequest, generate  # imports diffusers when run
 
+    if args.output.endswith(("/", os.sep)):  # Path() would drop the slash and write a file
+        raise ValueError(f"--output {args.output} names a folder; pass an image file path such as {args.output}tcd.png")
     request = GenerationRequest(
         model=args.model,
         prompt=args.prompt,

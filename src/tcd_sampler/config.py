@@ -167,13 +167,12 @@ def load_config_file(
     if path.is_dir():
         path = path / name
     if path.is_file():
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-        if not isinstance(data, dict):
-            raise ValueError(f"{path} does not hold a JSON object")
-        return data
+        return _read_json(path)
+    given = str(pretrained_model_name_or_path)
     if Path(pretrained_model_name_or_path).exists():
         raise FileNotFoundError(f"no {name} at {path}")
+    if looks_local(given):
+        raise FileNotFoundError(f"{given} does not exist (a local path: neither a folder nor a JSON file)")
     try:
         from huggingface_hub import hf_hub_download
     except ImportError:
@@ -182,8 +181,25 @@ def load_config_file(
             "needs `huggingface_hub` (pip install 'tcd-sampler[diffusers]')"
         ) from None
     file = hf_hub_download(str(pretrained_model_name_or_path), name, subfolder=subfolder, **hub_kwargs)
-    with open(file, encoding="utf-8") as f:
-        return json.load(f)
+    return _read_json(Path(file))
+
+
+def looks_local(name: str) -> bool:
+    """Whether ``name`` can only mean a local path, not a Hub repo id (``org/name``): absolute, starting with ``.``
+    or ``~``, a ``.json`` file, or more than one ``/``."""
+    return Path(name).is_absolute() or name.startswith((".", "~")) or name.endswith(".json") or name.count("/") > 1
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path``; ValueError naming the file when it is not one."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not a valid JSON file ({err})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} does not hold a JSON object")
+    return data
 
 
 def split_config(

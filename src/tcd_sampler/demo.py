@@ -104,7 +104,7 @@ def run_demo(
     Args:
         output_dir: the folder for ``demo.json`` and ``demo.png``, created if missing; checked before any sampling
             (``NotADirectoryError`` if it is a file or cannot be written). Both files are written atomically
-            (temporary files moved into place together): a failed run leaves no partial file. Default ``demo_out``.
+            (temporary files, then renamed into place): a failed run leaves no partial file. Default ``demo_out``.
         samples: samples per method and NFE. Default 4000.
         seed: seeds the initial noise, the reference samples and the step noise. Default 0.
         nfes: the numbers of model calls compared. Default 1, 2, 4, 8.

@@ -214,8 +214,8 @@ class LoadedStudent:
 
 def save_student(model: Student, card: dict[str, Any], directory: str | Path) -> Path:
     """Write ``student.safetensors`` and ``card.json`` into ``directory`` (created if missing), atomically: both are
-    written to temporary files first and moved into place together, so a failure leaves no half-written file (and
-    an existing student there untouched). Returns the folder."""
+    written to temporary files first and then renamed into place, so a failure leaves no half-written file (and
+    an existing student there untouched unless the failure falls between the two renames). Returns the folder."""
     from safetensors.torch import save_file
 
     path = Path(directory)
@@ -224,7 +224,10 @@ def save_student(model: Student, card: dict[str, Any], directory: str | Path) ->
         raise NotADirectoryError(f"cannot save the student in {path}: {problem}")
     path.mkdir(parents=True, exist_ok=True)
     with atomic_paths(path / WEIGHTS_NAME, path / CARD_NAME) as (weights, card_file):
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+        try:
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+        except Exception as err:  # safetensors' own error type (a full disk, …) is not an OSError
+            raise OSError(f"could not write {path / WEIGHTS_NAME}: {err}") from err
         card_file.write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
     return path
 

@@ -267,12 +267,12 @@ def _open_image(path: Path, option: str, mode: str) -> Any:
         ) from None
 
 
-def _model_family(model: str) -> tuple[str, str | None]:
-    """The model's pipeline class (``model_index.json``) and scheduler family (``flow``, ``vp`` or None), read
-    from two small JSON files (local, or fetched from the Hub) without loading any weights."""
+def _model_family(model: str) -> tuple[str, dict[str, Any]]:
+    """The model's pipeline class (``model_index.json``) and its scheduler config, read from two small JSON files
+    (local, or fetched from the Hub) without loading any weights."""
     index = _read_config(model, "model_index.json")
     scheduler = _read_config(model, "scheduler_config.json", "scheduler")
-    return str(index.get("_class_name", "")), config_family(scheduler)
+    return str(index.get("_class_name", "")), scheduler
 
 
 def minimum_strength(steps: int) -> float:
@@ -285,22 +285,36 @@ def minimum_strength(steps: int) -> float:
     return minimum
 
 
-def _min_steps(strength: float) -> int:
-    """The fewest steps for which ``int(steps * strength) ≥ 1``."""
-    steps = max(1, int(1.0 / strength))
-    while int(steps * strength) < 1:
+def _min_steps(strength: float, max_steps: int) -> int | None:
+    """The fewest steps up to ``max_steps`` for which ``int(steps * strength) ≥ 1``; None when there are none."""
+    if strength * max_steps < 1:
+        return None
+    steps = max(1, math.floor(1.0 / strength))
+    while int(steps * strength) < 1:  # at most a step or two past 1/strength
         steps += 1
-    return steps
+    return steps if steps <= max_steps else None
 
 
-def _check_steps_and_strength(steps: int, strength: float) -> None:
-    """ValueError naming ``--strength`` and ``--steps`` when a VP image-to-image run would make no step."""
-    if int(steps * strength) >= 1:
+def _check_steps_and_strength(steps: int, strength: float | None, max_steps: int) -> None:
+    """ValueError naming ``--steps`` (and ``--strength``) when a discrete-VP run cannot be made: more steps than
+    the distillation grid has, or an image-to-image run of ``int(steps · strength) = 0`` steps."""
+    if steps > max_steps:
+        raise ValueError(
+            f"--steps {steps}: TCD takes its timesteps from the model's {max_steps}-point distillation grid "
+            f"(original_inference_steps); use at most {max_steps}"
+        )
+    if strength is None or int(steps * strength) >= 1:
         return
+    fewest = _min_steps(strength, max_steps)
+    more = (
+        f"or more --steps: at least {fewest} for --strength {strength}"
+        if fewest is not None
+        else f"no step count up to {max_steps} helps below --strength {minimum_strength(max_steps):.4g}"
+    )
     raise ValueError(
         f"--strength {strength} with --steps {steps} runs int({steps} × {strength}) = 0 denoising steps: "
         f"image-to-image and inpainting need --strength ≥ 1/{steps} ≈ {minimum_strength(steps):.4g} for {steps} "
-        f"steps (or more --steps: at least {_min_steps(strength)} for --strength {strength})"
+        f"steps ({more})"
     )
 
 
@@ -443,12 +457,14 @@ def generate(request: GenerationRequest) -> Path:
     folder, moved into place once complete); returns that path.
 
     Everything checkable is checked before the model is loaded (:func:`prepare_request`), then the model's
-    ``model_index.json`` and scheduler config are read to check that image-to-image runs at least one step."""
+    ``model_index.json`` and scheduler config are read to check the step count against the distillation grid and
+    that image-to-image runs at least one step."""
     prepared = prepare_request(request)
-    if prepared.task != "text2image":
-        _, family = _model_family(request.model)
-        if family != "flow":  # flow pipelines (SD3, FLUX) round up: at least one step for any strength > 0
-            _check_steps_and_strength(request.steps, request.strength)
+    _, scheduler_config = _model_family(request.model)
+    if config_family(scheduler_config) != "flow":  # flow pipelines (SD3, FLUX) take any count, and round strength up
+        strength = request.strength if prepared.task != "text2image" else None
+        grid = scheduler_config.get("original_inference_steps", 50)
+        _check_steps_and_strength(request.steps, strength, grid if isinstance(grid, int) and grid > 0 else 50)
     noise_seed = request.seed + STEP_NOISE_SEED_OFFSET  # the step noise, for pipelines that pass no generator
     pipe = load_pipeline(request.model, request.gamma, prepared.task, request.lora, prepared.device, noise_seed)
     generator = torch.Generator(device="cpu").manual_seed(request.seed)
