@@ -800,3 +800,22 @@ def test_schedule_config_errors_name_the_file(
 def test_schedule_config_missing_local_path(missing: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["schedule", "--config", missing]) == 2
     assert f"{missing} does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("kind", "dtype"), [("sd", torch.float16), ("flux", torch.bfloat16)])
+def test_half_precision_on_cuda_is_bfloat16_for_flow_models(
+    kind: str, dtype: torch.dtype, model_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FLUX overflows in float16: on CUDA flow transformers load in bfloat16, UNets in float16 (checked without a GPU
+    by stopping at the load call)."""
+    seen: dict[str, object] = {}
+
+    def stop(*args: object, **kwargs: object) -> None:
+        seen.update(kwargs)
+        raise OSError("stopped before loading")
+
+    monkeypatch.setattr(pipelines, "check_device", lambda device, option="--device": "cuda")
+    monkeypatch.setattr(diffusers.AutoPipelineForText2Image, "from_pretrained", stop)
+    with pytest.raises(pipelines.MissingModelError, match="stopped before loading"):
+        pipelines.load_pipeline(str(model_dirs[kind]), device="cuda")
+    assert dtype in seen.values()

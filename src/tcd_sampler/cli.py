@@ -353,7 +353,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: the arguments, without the program name. Default: ``sys.argv[1:]``.
 
     Returns 0 on success (``--help`` and ``--version`` included), 2 for a bad argument or any expected error (one
-    line on stderr: ``tcd-sampler: error: <message>``), 130 when interrupted. Unexpected exceptions propagate."""
+    line on stderr: ``tcd-sampler: error: <message>``), 130 when interrupted. Any ValueError, TypeError, OSError or
+    ImportError counts as expected, also one raised while a model runs; other exceptions propagate."""
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as done:  # --help, --version, or an argument error already printed by _Parser.error

@@ -27,6 +27,7 @@ import torch
 
 from .._files import atomic_paths, folder_problem
 from ..config import config_family, load_config_file
+from ..flow import FlowMatchTCDScheduler as FlowMatchScheduler
 
 __all__ = [
     "GenerationRequest",
@@ -414,8 +415,8 @@ def load_pipeline(
             (:func:`generate` does). Default 0.3.
         task: which auto pipeline to build. Default ``text2image``.
         lora: a LoRA (folder, file or repo id) to load and fuse, e.g. ``h1t/TCD-SDXL-LoRA``. Default None.
-        device: where to run (checked by :func:`check_device`); default CUDA when available (float16), else CPU
-            (float32).
+        device: where to run (checked by :func:`check_device`); default CUDA when available (float16 for UNet
+            models, bfloat16 for flow transformers such as FLUX and SD3), else CPU (float32).
         noise_seed: the scheduler's :attr:`~tcd_sampler.TCDScheduler.noise_seed`: the seed of the step noise of
             every call that passes no generator to the step (flow pipelines never do), so that two calls with the
             same pipeline generator give the same image. None: torch's global RNG. Default 0.
@@ -429,8 +430,10 @@ def load_pipeline(
         "image2image": diffusers.AutoPipelineForImage2Image,
         "inpaint": diffusers.AutoPipelineForInpainting,
     }[task]
-    dtype = torch.float16 if device.startswith("cuda") else torch.float32
     scheduler = scheduler_for(model, pipeline_class, gamma)
+    flow = isinstance(scheduler, FlowMatchScheduler)
+    # half precision on CUDA: bfloat16 for flow transformers (FLUX overflows in float16), float16 for UNets
+    dtype = (torch.bfloat16 if flow else torch.float16) if device.startswith("cuda") else torch.float32
     scheduler.noise_seed = noise_seed
     try:
         with _quiet_legacy_scheduler_checks():
