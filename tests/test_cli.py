@@ -31,16 +31,9 @@ from tcd_sampler.cli import main
 from tcd_sampler.distill import DistillConfig, distill, save_student
 from tcd_sampler.integrations import pipelines
 from tcd_sampler.integrations.diffusers import TCDScheduler
-from tiny_pipelines import FACTORIES, init_image, mask_image
+from tiny_pipelines import FACTORIES, FLUX_SCHEDULER_CONFIG, init_image, mask_image
 
-FLUX_CONFIG = {
-    "use_dynamic_shifting": True,
-    "base_shift": 0.5,
-    "max_shift": 1.15,
-    "base_image_seq_len": 256,
-    "max_image_seq_len": 4096,
-    "shift": 3.0,
-}
+FLUX_CONFIG = FLUX_SCHEDULER_CONFIG
 
 
 class Reached(Exception):

@@ -14,21 +14,14 @@ import pytest
 import torch
 
 from tcd_sampler.integrations.diffusers import FlowMatchTCDScheduler, TCDScheduler
-from tiny_pipelines import FACTORIES, call_kwargs
+from tiny_pipelines import FACTORIES, FLUX_SCHEDULER_CONFIG, call_kwargs
 
 STEPS = 4
 TOL = 1e-5
 VP_KINDS = ["sd", "sd_img2img", "sd_inpaint", "sdxl", "sdxl_img2img", "sdxl_inpaint"]
 FLOW_CONFIGS = {
     "sd3": {"shift": 3.0},
-    "flux": {
-        "use_dynamic_shifting": True,
-        "base_shift": 0.5,
-        "max_shift": 1.15,
-        "base_image_seq_len": 256,
-        "max_image_seq_len": 4096,
-        "shift": 3.0,
-    },
+    "flux": FLUX_SCHEDULER_CONFIG,
 }
 
 

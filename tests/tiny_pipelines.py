@@ -386,6 +386,16 @@ def flux(scheduler: Any) -> FluxPipeline:
     return _finish(pipe)
 
 
+#: The FLUX pipelines' stock scheduler settings (dynamic shifting), for the flow schedulers built around them.
+FLUX_SCHEDULER_CONFIG: dict[str, Any] = {
+    "use_dynamic_shifting": True,
+    "base_shift": 0.5,
+    "max_shift": 1.15,
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 4096,
+    "shift": 3.0,
+}
+
 FACTORIES: dict[str, Callable[[Any], DiffusionPipeline]] = {
     "sd": sd,
     "sd_img2img": sd_img2img,
