@@ -30,6 +30,7 @@ from torch import nn
 from tqdm.auto import trange
 
 from ._files import atomic_paths, folder_problem
+from .core.consistency import consistency_function
 from .scheduler import TCDScheduler
 from .step import boundary_scalings
 from .toy import GaussianMixture, gmm16, ring2d
@@ -157,13 +158,13 @@ def distill(config: DistillConfig, progress: bool = True, log_every: int = 50) -
     points = T // k  # grid points k·i − 1, i = 1 … points
     losses: list[float] = []
 
+    one, zero = torch.ones(B), torch.zeros(B)
+
     def consistency(model: nn.Module, x: torch.Tensor, t: torch.Tensor, t_m: torch.Tensor) -> torch.Tensor:
-        eps = model(x, t)
-        x0 = (x - sigma[t, None] * eps) / alpha[t, None]
-        if config.method == "lcm":  # t_m = 0: the boundary-conditioned clean estimate
-            c_skip, c_out = boundary_scalings(t, config.timestep_scaling)
-            return c_skip[:, None] * x + c_out[:, None] * x0
-        return alpha[t_m, None] * x0 + sigma[t_m, None] * eps
+        if config.method == "lcm":  # t_m = 0, the clean end (α = 1, σ = 0), with LCM's boundary condition
+            boundary = boundary_scalings(t, config.timestep_scaling)
+            return consistency_function(model(x, t), x, alpha[t], sigma[t], one, zero, boundary=boundary)
+        return consistency_function(model(x, t), x, alpha[t], sigma[t], alpha[t_m], sigma[t_m])
 
     for step in trange(config.steps, disable=not progress, desc=f"{config.method} distillation"):
         n = torch.randint(1, points, (B,), generator=g)  # t_n = k·n − 1 ∈ [19, 979]
