@@ -17,7 +17,6 @@ block). Outputs are written atomically: a failed or interrupted run leaves no pa
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import importlib.util
 import json
 import math
@@ -30,6 +29,7 @@ from typing import Any, NoReturn
 
 from ._files import folder_problem
 from ._frontend import check_int, check_number
+from .config import package_version
 from .integrations.pipelines import MissingModelError
 from .scheduler import DEFAULT_ETA, TCDScheduler
 
@@ -54,13 +54,8 @@ Run `tcd-sampler COMMAND --help` for a command's options. Errors: exit code 2 an
 
 
 def version() -> str:
-    """The installed distribution's version (``importlib.metadata``), else the package's ``__version__``."""
-    try:
-        return importlib.metadata.version("tcd-sampler")
-    except importlib.metadata.PackageNotFoundError:
-        from . import __version__
-
-        return __version__
+    """The installed distribution's version, else the package's ``__version__`` (:func:`config.package_version`)."""
+    return package_version()
 
 
 def _one_line(text: str) -> str:
@@ -79,10 +74,6 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         _print_error(f"{message} (see `{self.prog} --help`)")
         raise SystemExit(2)
-
-
-class _UsageError(ValueError):
-    """A bad argument found by a command's checks (exit code 2)."""
 
 
 # ------------------------------------------------------------------------------------------------ argument types
@@ -145,7 +136,7 @@ def _require(command: str, modules: dict[str, str], extra: str) -> None:
 def _check_output_folder(option: str, folder: str) -> None:
     problem = folder_problem(folder)
     if problem:
-        raise _UsageError(f"{option} {folder}: {problem}; pass a folder (created if missing)")
+        raise ValueError(f"{option} {folder}: {problem}; pass a folder (created if missing)")
 
 
 def _schedule_rows(scheduler: TCDScheduler, steps: int, gamma: float) -> list[dict[str, float | int | bool]]:

@@ -65,11 +65,14 @@ _FLOW_KEYS = ("use_dynamic_shifting", "base_image_seq_len", "max_image_seq_len",
 
 @functools.cache
 def package_version() -> str:
-    """This package's version (``0+unknown`` when it runs from a source tree that is not installed)."""
+    """This package's version: the installed distribution's, else the package's ``__version__`` (a source tree
+    that is not installed)."""
     try:
         return metadata.version("tcd-sampler")
     except metadata.PackageNotFoundError:
-        return "0+unknown"
+        from . import __version__
+
+        return __version__
 
 
 def is_own_config(config: Mapping[str, Any]) -> bool:

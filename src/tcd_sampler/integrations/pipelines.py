@@ -268,7 +268,7 @@ def _open_image(path: Path, option: str, mode: str) -> Any:
         ) from None
 
 
-def _model_family(model: str) -> tuple[str, dict[str, Any]]:
+def _model_configs(model: str) -> tuple[str, dict[str, Any]]:
     """The model's pipeline class (``model_index.json``) and its scheduler config, read from two small JSON files
     (local, or fetched from the Hub) without loading any weights."""
     index = _read_config(model, "model_index.json")
@@ -463,7 +463,7 @@ def generate(request: GenerationRequest) -> Path:
     ``model_index.json`` and scheduler config are read to check the step count against the distillation grid and
     that image-to-image runs at least one step."""
     prepared = prepare_request(request)
-    _, scheduler_config = _model_family(request.model)
+    _, scheduler_config = _model_configs(request.model)
     if config_family(scheduler_config) != "flow":  # flow pipelines (SD3, FLUX) take any count, and round strength up
         strength = request.strength if prepared.task != "text2image" else None
         grid = scheduler_config.get("original_inference_steps", 50)
