@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from tcd_sampler import FlowMatchTCDScheduler, TCDScheduler, sample_tcd
-from tcd_sampler.step import tcd_step
+from tcd_sampler.core.step import tcd_step
 
 DEVICE = "cuda"
 

@@ -8,8 +8,8 @@ import torch
 
 from helpers import toy_model
 from tcd_sampler import TCDScheduler
-from tcd_sampler.core.consistency import consistency_function
-from tcd_sampler.step import tcd_step
+from tcd_sampler.core.paths import RectifiedFlow, VPDiscrete
+from tcd_sampler.core.step import consistency_function, consistency_jump, tcd_step
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
@@ -35,3 +35,33 @@ def test_gradients_reach_the_model_output() -> None:
     x_s = consistency_function(m, x, a_t, s_t, torch.ones(3), torch.zeros(3))
     x_s.sum().backward()
     assert m.grad is not None and torch.allclose(m.grad, (-s_t / a_t)[:, None].expand(3, 2))  # ∂x̂0/∂ε = −σ/α
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
+@pytest.mark.parametrize("boundary", [False, True])
+def test_the_path_form_equals_the_sampling_step_row_by_row(prediction_type: str, boundary: bool) -> None:
+    """consistency_jump reads α, σ from the path at per-sample times t and s: on the discrete VP path it is the
+    scheduler's step, bit for bit, with and without LCM's boundary condition (and its clean end)."""
+    sched = TCDScheduler(prediction_type=prediction_type, consistency_boundary=boundary)
+    sched.set_timesteps(8)
+    rows = sched.step_table(0.3).rows
+    x = torch.randn(len(rows), 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    m = torch.stack([toy_model(x[i : i + 1], r.t)[0] for i, r in enumerate(rows)])
+    expected = torch.cat([tcd_step(m[i : i + 1], x[i : i + 1], r, prediction_type)[1] for i, r in enumerate(rows)])
+    t, s = torch.tensor([r.t for r in rows]), torch.tensor([r.s for r in rows])
+    scaling = float(sched.config.timestep_scaling) if boundary else None
+    got = consistency_jump(m, x, t, s, VPDiscrete(sched.alphas_cumprod), prediction_type, scaling, clean_end=boundary)
+    assert torch.equal(got, expected)
+
+
+def test_the_path_form_on_a_continuous_path_is_differentiable_in_time() -> None:
+    """On the rectified-flow path the jump is x + (s − t)·u (the sampling step's Euler form), and its gradient in t
+    is −u."""
+    x, u = torch.randn(3, 5, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
+    t = torch.tensor([0.9, 0.5, 0.2], dtype=torch.float64, requires_grad=True)
+    s = torch.tensor([0.6, 0.1, 0.0], dtype=torch.float64)
+    x_s = consistency_jump(u, x, t, s, RectifiedFlow(), "flow")
+    torch.testing.assert_close(x_s, x + (s - t.detach())[:, None] * u)
+    (x_s * torch.ones_like(x)).sum().backward()
+    assert t.grad is not None
+    torch.testing.assert_close(t.grad, -u.sum(dim=1))

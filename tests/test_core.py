@@ -15,9 +15,10 @@ from diffusers.utils.torch_utils import randn_tensor
 from helpers import toy_model
 from tcd_sampler import TCDScheduler
 from tcd_sampler.cli import main
-from tcd_sampler.paths import VPDiscretePath, make_betas, rescale_zero_terminal_snr
-from tcd_sampler.step import build_vp_table, draw_noise, target_timesteps, tcd_step
-from tcd_sampler.timesteps import distillation_grid, tcd_schedule
+from tcd_sampler.core.paths import VPDiscretePath, target_timesteps
+from tcd_sampler.core.schedules import distillation_grid, make_betas, rescale_zero_terminal_snr, tcd_schedule
+from tcd_sampler.core.step import draw_noise, tcd_step
+from tcd_sampler.core.table import build_vp_table
 
 
 @pytest.mark.parametrize(

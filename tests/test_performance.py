@@ -11,7 +11,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from tcd_sampler import FlowMatchTCDScheduler, TCDScheduler, sample_tcd
-from tcd_sampler.step import linear_step, tcd_step
+from tcd_sampler.core.fused import linear_step
+from tcd_sampler.core.step import tcd_step
 
 SYNC_OPS = ("aten::_local_scalar_dense",)  # what .item(), int(t), bool(t) … all end in
 
@@ -119,7 +120,7 @@ def test_whole_loop_compiles_fullgraph(fused: bool) -> None:
     sched = TCDScheduler()
     sched.set_timesteps(4)
     rows = sched.step_table(0.3).rows
-    from tcd_sampler.step import fold_row
+    from tcd_sampler.core.fused import fold_row
 
     folded = [fold_row(row, "epsilon") for row in rows] if fused else None
     check_compiles(compiled_loop(rows, "epsilon", folded), *loop_inputs(sched), backend="aot_eager")

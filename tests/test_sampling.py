@@ -61,7 +61,7 @@ def _fixed(replay: Any) -> _Fixed:
 @pytest.fixture(autouse=True)
 def _replay_noise(monkeypatch: pytest.MonkeyPatch) -> None:
     """Let TCDScheduler take its z from a _Fixed generator's list, so both loops see identical noise."""
-    import tcd_sampler.scheduler as scheduler_module
+    import tcd_sampler.schedulers.base as scheduler_module
 
     real = scheduler_module.draw_noise
 

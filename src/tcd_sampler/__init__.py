@@ -2,31 +2,39 @@
 
 ``from tcd_sampler import TCDScheduler`` is a drop-in replacement for diffusers' ``TCDScheduler``;
 ``FlowMatchTCDScheduler`` brings TCD to flow-matching pipelines (SD3, FLUX); ``sample_tcd`` / ``sample_tcd_rf`` are
-k-diffusion-style samplers in sigma space. The pure math lives in :mod:`tcd_sampler.step`,
-:mod:`tcd_sampler.paths` and :mod:`tcd_sampler.timesteps`.
+k-diffusion-style samplers in sigma space. The pure math, shared by sampling and training, lives in
+:mod:`tcd_sampler.core` (paths, predictions, tables, the step, schedules); the scheduler classes in
+:mod:`tcd_sampler.schedulers`.
 """
 
-from .config import FrozenConfig
-from .flow import FlowMatchTCDScheduler, FlowMatchTCDSchedulerOutput
-from .paths import VPDiscretePath
-from .sampling import DiscreteVPTime, sample_tcd, sample_tcd_rf
-from .scheduler import TCDScheduler, TCDSchedulerOutput
-from .step import StepRow, StepTable, build_vp_table, tcd_step
+from .core.paths import EDM, VE, DiscreteVPTime, RectifiedFlow, VPDiscrete, VPDiscretePath
+from .core.step import consistency_jump, tcd_step
+from .core.table import StepRow, StepTable, build_table, build_vp_table
+from .sampling import sample_tcd, sample_tcd_rf
+from .schedulers.config_file import FrozenConfig
+from .schedulers.flow import FlowMatchTCDScheduler, FlowMatchTCDSchedulerOutput
+from .schedulers.vp import TCDScheduler, TCDSchedulerOutput
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "EDM",
+    "VE",
     "DiscreteVPTime",
     "FlowMatchTCDScheduler",
     "FlowMatchTCDSchedulerOutput",
     "FrozenConfig",
+    "RectifiedFlow",
     "StepRow",
     "StepTable",
     "TCDScheduler",
     "TCDSchedulerOutput",
+    "VPDiscrete",
     "VPDiscretePath",
     "__version__",
+    "build_table",
     "build_vp_table",
+    "consistency_jump",
     "sample_tcd",
     "sample_tcd_rf",
     "tcd_step",

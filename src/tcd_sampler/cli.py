@@ -28,10 +28,10 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from ._files import folder_problem
-from ._frontend import check_int, check_number
-from .config import package_version
+from .core.checks import check_int, check_number
 from .integrations.pipelines import MissingModelError
-from .scheduler import DEFAULT_ETA, TCDScheduler
+from .schedulers.config_file import package_version
+from .schedulers.vp import DEFAULT_ETA, TCDScheduler
 
 __all__ = ["build_parser", "main", "version"]
 
@@ -158,8 +158,8 @@ def _print_table(steps: int, gamma: float, rows: list[dict[str, float | int | bo
 
 def _load_schedule_config(config: str, overrides: dict[str, Any]) -> TCDScheduler:
     """``TCDScheduler.from_pretrained(config)``; a Hub lookup that fails says why and what to do instead."""
-    from .config import looks_local
     from .integrations.pipelines import hub_error_message
+    from .schedulers.config_file import looks_local
 
     try:
         return TCDScheduler.from_pretrained(config, **overrides)

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from ._files import atomic_paths, folder_problem
 from .distill import load_student
-from .scheduler import TCDScheduler
+from .schedulers.vp import TCDScheduler
 from .toy import GaussianMixture, as_numpy, evaluate, ring2d
 
 __all__ = ["ASSETS", "run_demo"]

@@ -30,9 +30,9 @@ from torch import nn
 from tqdm.auto import trange
 
 from ._files import atomic_paths, folder_problem
-from .core.consistency import consistency_function
-from .scheduler import TCDScheduler
-from .step import boundary_scalings
+from .core.step import consistency_function
+from .core.table import boundary_scalings
+from .schedulers.vp import TCDScheduler
 from .toy import GaussianMixture, gmm16, ring2d
 
 __all__ = [

@@ -5,118 +5,30 @@
 - :func:`sample_tcd`: the VE form ``x = x0 + σ·ε`` (k-diffusion, ComfyUI's epsilon/v models);
 - :func:`sample_tcd_rf`: ComfyUI's rectified-flow form ``x = (1 − σ)·x0 + σ·ε`` (SD3, FLUX, …).
 
-TCD's target ``s = (1 − γ)·t'`` is taken in the model's time. By default the time is ``σ`` itself; pass ``time=`` an
-object with ``sigma_to_t`` and ``t_to_sigma`` (k-diffusion's wrapped models have both) to use the model's own time,
-or :class:`DiscreteVPTime` for a discrete VP model, which reproduces a ``TCDScheduler`` loop exactly.
+TCD's target ``s = (1 − γ)·t'`` is taken in the path's TCD time (:mod:`tcd_sampler.core.paths`). By default the time
+is ``σ`` itself; pass ``time=`` an object with ``sigma_to_t`` and ``t_to_sigma`` (k-diffusion's wrapped models have
+both) to use the model's own time, or :class:`DiscreteVPTime` for a discrete VP model, which reproduces a
+``TCDScheduler`` loop exactly; or pass ``path=`` a path object (:class:`~tcd_sampler.core.paths.EDM`, …).
 """
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import trange
 
-from ._frontend import check_float_tensor, check_number
-from .core.predictions import PREDICTION_TYPES, prediction
-from .paths import flow_alpha_sigma, ve_alpha_sigma
-from .step import StepTable, build_table, target_timesteps, tcd_step
+from .core.checks import check_float_tensor, check_number
+from .core.paths import VE, DiscreteVPTime, Path, RectifiedFlow, TimeMap
+from .core.step import tcd_step
+from .core.table import StepTable, build_table
 
 __all__ = ["DiscreteVPTime", "TimeMap", "sample_tcd", "sample_tcd_rf", "tcd_table"]
 
 NoiseSampler = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-class TimeMap(Protocol):
-    """A model's time ↔ sigma maps (k-diffusion's ``DiscreteSchedule`` has this interface)."""
-
-    def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor: ...
-
-    def t_to_sigma(self, t: torch.Tensor) -> torch.Tensor: ...
-
-
-@dataclass(frozen=True, eq=False)
-class DiscreteVPTime:
-    """Time ↔ sigma of a discrete VP model in VE form, ``σ_t = √((1 − ᾱ_t)/ᾱ_t)`` on the grid ``0 … T−1``.
-
-    ``sigma_to_t`` rounds to the nearest grid point (in log σ; σ = 0 maps to 0), targets are
-    ``s = ⌊(1 − γ)·t'⌋`` in float32 as diffusers computes them, and ``t_to_sigma`` reads the grid, so
-    ``sample_tcd`` over :meth:`sigmas_for` of a ``TCDScheduler`` schedule reproduces that scheduler's loop.
-
-    Attributes:
-        alphas_cumprod: ``ᾱ`` on the grid, float32 ``(T,)`` (``TCDScheduler().alphas_cumprod``).
-    """
-
-    alphas_cumprod: torch.Tensor
-    _tables: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = field(
-        default_factory=dict, init=False, repr=False
-    )
-
-    @property
-    def sigmas(self) -> torch.Tensor:
-        """σ on the grid, float64 ``(T,)``."""
-        return self._table(torch.device("cpu"), torch.float64)[0]
-
-    def _table(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(σ, log σ)`` on the grid on ``device`` in ``dtype``, computed once in float64 on the CPU and cached."""
-        key = (device, dtype)
-        if key not in self._tables:
-            acp = self.alphas_cumprod.detach().cpu().double()
-            sig = ((1 - acp) / acp).sqrt()
-            self._tables[key] = (sig.to(dtype).to(device), sig.log().to(dtype).to(device))
-        return self._tables[key]
-
-    @staticmethod
-    def _work(device: torch.device) -> torch.dtype:
-        """float64 on the CPU; float32 on accelerators (Apple's MPS has no float64)."""
-        return torch.float64 if device.type == "cpu" else torch.float32
-
-    def sigma_to_t(self, sigma: torch.Tensor | float) -> torch.Tensor:
-        """The nearest grid timestep (int64) of each sigma; works on any device without a host sync."""
-        sigma = torch.as_tensor(sigma)
-        dtype = self._work(sigma.device)
-        _, log_table = self._table(sigma.device, dtype)
-        log_sigma = sigma.to(dtype).clamp(min=1e-30).log()
-        t = (log_sigma.unsqueeze(-1) - log_table).abs().argmin(dim=-1)
-        return torch.where(sigma > 0, t, torch.zeros_like(t))
-
-    def t_to_sigma(self, t: torch.Tensor | int) -> torch.Tensor:
-        """σ at integer timesteps (float64 on the CPU, float32 elsewhere)."""
-        t = torch.as_tensor(t)
-        return self._table(t.device, self._work(t.device))[0][t.long()]
-
-    def target(self, t_prev: np.ndarray, gamma: float) -> np.ndarray:
-        """``s = ⌊(1 − γ)·t'⌋`` in float32, as the reference."""
-        return target_timesteps(np.asarray(t_prev, dtype=np.int64), gamma)
-
-    def sigmas_for(self, timesteps: Sequence[int] | torch.Tensor) -> torch.Tensor:
-        """The k-diffusion sigmas of a timestep schedule: ``[σ(t_0), …, σ(t_{N−1}), 0]`` (float32)."""
-        ts = torch.as_tensor(timesteps).cpu().long()
-        return torch.cat([self.t_to_sigma(ts), torch.zeros(1, dtype=torch.float64)]).float()
-
-    def denoiser(
-        self, model: Callable[..., torch.Tensor], prediction_type: str = "epsilon"
-    ) -> Callable[..., torch.Tensor]:
-        """Wrap a discrete VP network ``model(x_t, t, **kw)`` (diffusers' UNet convention) into a VE denoiser
-        ``(x, sigma, **kw) → x̂0`` for the samplers here; ``prediction_type`` as in ``TCDScheduler``."""
-
-        if prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
-        convert = prediction(prediction_type).convert
-
-        def denoise(x: torch.Tensor, sigma: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-            t = self.sigma_to_t(sigma)
-            shape = (-1,) + (1,) * (x.ndim - 1)
-            s = sigma.to(x.dtype).reshape(shape)
-            c_in = (s**2 + 1).rsqrt()  # α_t: x_vp = α_t·x_ve, σ_vp = σ·α_t
-            x_vp = x * c_in
-            return convert(model(x_vp, t, **kwargs), x_vp, c_in, s * c_in)[0]  # x̂0 is the same in both scalings
-
-        return denoise
 
 
 def tcd_table(
@@ -126,38 +38,11 @@ def tcd_table(
     flow: bool = False,
     device: torch.device | str | None = None,
 ) -> StepTable:
-    """The per-step coefficients of a sigma-space TCD loop (rows' times are sigmas).
-
-    Args:
-        sigmas: descending sigmas, usually ending at 0.
-        gamma: stochasticity in [0, 1].
-        time: the model's time maps (None: time = σ); with ``target`` (as :class:`DiscreteVPTime`) it also fixes
-            how ``s`` is rounded.
-        flow: the rectified-flow path instead of VE.
-        device: where the time maps are called (a k-diffusion model's maps hold buffers on the model's device);
-            their results are read back once. Default: CPU.
-    """
-    sig = np.asarray(sigmas, dtype=np.float64)
-    now, nxt = sig[:-1], sig[1:]
-    if time is None:
-        s_sigma = (1.0 - gamma) * nxt
-    else:
-        where = torch.device(device) if device is not None else torch.device("cpu")
-        dtype = torch.float64 if where.type == "cpu" else torch.float32  # no float64 on accelerators (MPS)
-
-        def to_device(values: np.ndarray) -> torch.Tensor:
-            tensor = torch.from_numpy(np.ascontiguousarray(values))
-            return tensor.to(where) if not tensor.is_floating_point() else tensor.to(device=where, dtype=dtype)
-
-        t_next = time.sigma_to_t(to_device(nxt)).detach().cpu().double().numpy()
-        target = getattr(time, "target", None)
-        s_time = target(t_next, gamma) if target is not None else (1.0 - gamma) * t_next
-        s_sigma = time.t_to_sigma(to_device(np.asarray(s_time))).detach().cpu().double().numpy()
-        if target is None:
-            s_sigma = np.where(nxt > 0, s_sigma, 0.0)  # a continuous model's last step ends clean
-    draws = [gamma > 0 and bool(n > 0) for n in nxt]
-    path = flow_alpha_sigma if flow else ve_alpha_sigma
-    return build_table(now, nxt, s_sigma, path, gamma, draws)
+    """The per-step coefficients of a sigma-space TCD loop (rows' times are sigmas): :func:`build_table` on the VE
+    (or, with ``flow``, the rectified-flow) path whose TCD time is ``time`` (None: σ), its maps called on
+    ``device`` (default CPU) and read back once."""
+    path = (RectifiedFlow if flow else VE)(time=time, device=device)
+    return build_table(path, np.asarray(sigmas, dtype=np.float64), gamma)
 
 
 def _names_seed(model: Callable[..., Any]) -> bool:
@@ -193,9 +78,8 @@ def _sample(
     disable: bool | None,
     gamma: float,
     noise_sampler: NoiseSampler | None,
-    time: TimeMap | None,
+    path: Path,
     seed: int | None,
-    flow: bool,
 ) -> torch.Tensor:
     check_float_tensor("x", x)
     gamma = check_number("gamma", gamma, 0.0, 1.0)
@@ -204,14 +88,14 @@ def _sample(
     bad = sig_host.ndim != 1 or len(sig_host) < 2 or not np.all(np.isfinite(sig_host))
     if bad or np.any(np.diff(sig_host) >= 0) or sig_host[-1] < 0:
         raise ValueError(f"sigmas must be a strictly descending 1-D sequence ≥ 0 of length ≥ 2, got {sig_host}")
-    if flow and sig_host[0] > 1:
+    if isinstance(path, RectifiedFlow) and sig_host[0] > 1:
         raise ValueError(f"rectified-flow sigmas must lie in [0, 1], got {sig_host[0]}")
     extra_args = {} if extra_args is None else dict(extra_args)  # the caller's dict is left as it was
     seed_from_args = extra_args.pop("seed", None)
     if seed_from_args is not None and _names_seed(model):  # ComfyUI's model wrappers take it, as its samplers pass it
         extra_args["seed"] = seed_from_args
     seed = _noise_seed(seed, seed_from_args, noise_sampler)
-    table = tcd_table(sig_host.tolist(), gamma, time, flow, device=x.device)
+    table = build_table(path, sig_host, gamma)
     if noise_sampler is None:
         generator = None if seed is None else torch.Generator(device=x.device).manual_seed(seed)
 
@@ -241,6 +125,7 @@ def sample_tcd(
     noise_sampler: NoiseSampler | None = None,
     time: TimeMap | None = None,
     seed: int | None = None,
+    path: Path | None = None,
 ) -> torch.Tensor:
     """Strategic Stochastic Sampling (TCD, Zheng et al. 2024, Alg. 4) on the VE path ``x = x0 + σ·ε``.
 
@@ -260,10 +145,13 @@ def sample_tcd(
             ``x``'s device, from a generator seeded with ``seed`` (reproducible), else the global RNG. Exclusive
             with ``seed``.
         time: the model's time maps (see the module docstring); default: the time is σ.
+        path: the path and its TCD time as one object, instead of ``time`` (e.g. ``EDM()``); default: the VE path
+            in the time ``time``.
         seed: seed of the default noise sampler; default ``extra_args["seed"]`` (ComfyUI passes it there, and it is
             taken out of the model's arguments), else None.
     """
-    return _sample(model, x, sigmas, extra_args, callback, disable, gamma, noise_sampler, time, seed, flow=False)
+    path = _loop_path(path, time, x, VE)
+    return _sample(model, x, sigmas, extra_args, callback, disable, gamma, noise_sampler, path, seed)
 
 
 @torch.no_grad()
@@ -278,7 +166,20 @@ def sample_tcd_rf(
     noise_sampler: NoiseSampler | None = None,
     time: TimeMap | None = None,
     seed: int | None = None,
+    path: Path | None = None,
 ) -> torch.Tensor:
     """TCD on ComfyUI's rectified-flow path ``x = (1 − σ)·x0 + σ·ε`` (SD3, FLUX, …); arguments as
-    :func:`sample_tcd`, with ``sigmas`` in [0, 1]. ``gamma = 0`` is the Euler sampler."""
-    return _sample(model, x, sigmas, extra_args, callback, disable, gamma, noise_sampler, time, seed, flow=True)
+    :func:`sample_tcd`, with ``sigmas`` in [0, 1] (``path`` defaults to the rectified-flow path in the time
+    ``time``). ``gamma = 0`` is the Euler sampler."""
+    path = _loop_path(path, time, x, RectifiedFlow)
+    return _sample(model, x, sigmas, extra_args, callback, disable, gamma, noise_sampler, path, seed)
+
+
+def _loop_path(path: Path | None, time: TimeMap | None, x: torch.Tensor, default: type[VE | RectifiedFlow]) -> Path:
+    """The path a sampler runs on: ``path``, else ``default`` in the time ``time`` with its maps called on ``x``'s
+    device."""
+    if path is None:
+        return default(time=time, device=x.device)
+    if time is not None:
+        raise ValueError("pass time or path, not both: a path carries its TCD time")
+    return path

@@ -69,6 +69,12 @@ PREDICTIONS: dict[str, Prediction] = {
             x0_map=lambda a, s: (a, -s),
             target=lambda x0, eps, a, s: a * eps - s * x0,
         ),
+        Prediction(  # Karras' F of EDM networks, on the unit-variance path (α² + σ² = 1): x̂0 = α·x + σ·m (−v)
+            "edm",
+            convert=lambda m, x, a, s: (a * x + s * m, s * x - a * m),
+            x0_map=lambda a, s: (a, s),
+            target=lambda x0, eps, a, s: s * x0 - a * eps,
+        ),
         Prediction(  # u = ε − x0 (rectified flow, α = 1 − σ): x̂0 = x − σ·u, ε̂ = x + α·u
             FLOW,
             convert=lambda m, x, a, s: (x - s * m, x + a * m),

@@ -32,8 +32,8 @@ except ImportError as err:  # pragma: no cover - exercised without diffusers
 
 import torch
 
-from .. import flow, scheduler
-from ..step import clip_x0, dynamic_threshold_x0
+from ..core.step import clip_x0, dynamic_threshold_x0
+from ..schedulers import flow, vp
 
 __all__ = ["FlowMatchTCDScheduler", "TCDScheduler"]
 
@@ -45,7 +45,7 @@ def _not_here(name: str, owner: str) -> NoReturn:
 # The core's methods come first in the MRO and replace diffusers'.
 
 
-class TCDScheduler(scheduler.TCDScheduler, diffusers.TCDScheduler):
+class TCDScheduler(vp.TCDScheduler, diffusers.TCDScheduler):
     """:class:`tcd_sampler.TCDScheduler` as a diffusers component (a ``diffusers.TCDScheduler`` subclass, saved and
     loaded with pipelines)."""
 

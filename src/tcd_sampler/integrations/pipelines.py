@@ -26,8 +26,8 @@ from typing import Any
 import torch
 
 from .._files import atomic_paths, folder_problem
-from ..config import config_family, load_config_file
-from ..flow import FlowMatchTCDScheduler as FlowMatchScheduler
+from ..schedulers.config_file import config_family, load_config_file
+from ..schedulers.flow import FlowMatchTCDScheduler as FlowMatchScheduler
 
 __all__ = [
     "GenerationRequest",

@@ -1,7 +1,7 @@
 """``TCDScheduler``: a drop-in, stateful, diffusers-compatible front end over the pure TCD core.
 
 It holds the configuration, the schedule and the step counter, validates input at the boundary
-(constructor, ``set_timesteps``, the first ``step``), and delegates the math to :mod:`tcd_sampler.step`.
+(constructor, ``set_timesteps``, the first ``step``), and delegates the math to :mod:`tcd_sampler.core`.
 """
 
 from __future__ import annotations
@@ -14,35 +14,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._frontend import (
-    SchedulerFrontend,
-    StepOutput,
-    check_bool,
-    check_choice,
-    check_float_tensor,
-    check_generator,
-    check_int,
-    check_number,
-    lazy_tensor,
-    record_explicit_keys,
-)
-from .paths import BETA_SCHEDULES, VPDiscretePath, make_betas, rescale_zero_terminal_snr
-from .step import (
-    PREDICTION_TYPES,
-    GeneratorLike,
-    LinearRow,
-    StepTable,
-    build_vp_table,
-    clip_x0,
-    draw_noise,
-    dynamic_threshold_x0,
-    fold_row,
-    fused_x0,
-    linear_step,
-    tcd_step,
-    working_dtype,
-)
-from .timesteps import TIMESTEP_SPACINGS, custom_schedule, distillation_grid, tcd_schedule
+from ..core.checks import check_float_tensor, check_number
+from ..core.fused import LinearRow, fold_row, fused_x0, linear_step
+from ..core.paths import VPDiscrete
+from ..core.schedules import custom_schedule, vp_timesteps
+from ..core.step import GeneratorLike, clip_x0, dynamic_threshold_x0, tcd_step, working_dtype
+from ..core.table import Boundary, StepRow, StepTable, build_table
+from .base import SchedulerBase
+from .configuring import record_explicit_keys
+from .output import StepOutput, lazy_tensor
+from .validation import vp_betas
 
 __all__ = ["TCDScheduler", "TCDSchedulerOutput"]
 
@@ -68,7 +49,7 @@ class TCDSchedulerOutput(StepOutput):
     """
 
 
-class TCDScheduler(SchedulerFrontend):
+class TCDScheduler(SchedulerBase):
     """Strategic Stochastic Sampling of *Trajectory Consistency Distillation* (Zheng et al. 2024, Algorithm 4).
 
     A drop-in replacement for diffusers' ``TCDScheduler``: same constructor, config files, ``set_timesteps`` and
@@ -169,45 +150,16 @@ class TCDScheduler(SchedulerFrontend):
     def _apply_config(self, config: Mapping[str, Any]) -> None:
         """Validate a config (missing parameters take their defaults), build the path, and reset the schedule."""
         c, active = self._settle(config)
-        for name in (
-            "clip_sample",
-            "set_alpha_to_one",
-            "thresholding",
-            "rescale_betas_zero_snr",
-            "consistency_boundary",
-            "fused_step",
-        ):
-            check_bool(name, c[name])
-        T = check_int("num_train_timesteps", c["num_train_timesteps"], 1)
-        check_choice("prediction_type", c["prediction_type"], PREDICTION_TYPES)
-        check_choice("timestep_spacing", c["timestep_spacing"], TIMESTEP_SPACINGS)
-        check_int("original_inference_steps", c["original_inference_steps"], 1, T)
-        check_int("steps_offset", c["steps_offset"], 0, T - 1)
-        check_number("clip_sample_range", c["clip_sample_range"], 0.0, float("inf"), low_open=True)
-        check_number("dynamic_thresholding_ratio", c["dynamic_thresholding_ratio"], 0.0, 1.0)
-        check_number("sample_max_value", c["sample_max_value"], 0.0, float("inf"), low_open=True)
-        check_number("timestep_scaling", c["timestep_scaling"], 0.0, float("inf"), low_open=True)
-        check_number("eta", c["eta"], 0.0, 1.0)
-        if c["trained_betas"] is None:
-            check_choice("beta_schedule", c["beta_schedule"], BETA_SCHEDULES)
-            check_number("beta_start", c["beta_start"], 0.0, 1.0)
-            check_number("beta_end", c["beta_end"], 0.0, 1.0)
-        betas = make_betas(T, c["beta_start"], c["beta_end"], c["beta_schedule"], c["trained_betas"])
-        if betas.ndim != 1 or betas.shape[0] != T:
-            raise ValueError(f"trained_betas must have length num_train_timesteps={T}, got shape {tuple(betas.shape)}")
-        if not bool(torch.all((betas >= 0) & (betas <= 1))):
-            raise ValueError("trained_betas must all lie in [0, 1]")
-        if c["rescale_betas_zero_snr"]:
-            betas = rescale_zero_terminal_snr(betas)
+        betas = vp_betas(c)
+        T = int(c["num_train_timesteps"])
         self._config = c
         self._active = active
-        self._path = VPDiscretePath.from_betas(betas)
-        self.betas = self._path.betas
+        self._path = VPDiscrete.from_betas(betas)
+        self.betas = betas
         self.alphas = 1.0 - self.betas
         self.alphas_cumprod = self._path.alphas_cumprod
         self.final_alpha_cumprod = torch.tensor(1.0) if active["set_alpha_to_one"] else self.alphas_cumprod[0]
         self._zero_snr_timesteps = frozenset(np.flatnonzero(self.alphas_cumprod.numpy() == 0).tolist())
-        self._noise_tables: dict[tuple[str, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
         self._x0_transform = self._make_x0_transform()
         self._fused = bool(c["fused_step"]) and self._x0_transform is None
         self.num_inference_steps: int | None = None
@@ -247,8 +199,7 @@ class TCDScheduler(SchedulerFrontend):
         self._set_schedule(arr, device)
         self.num_inference_steps = len(arr)
         self.custom_timesteps = True
-        self._step_index = None
-        self._restart_noise()
+        self._new_loop()
 
     def set_timesteps(
         self,
@@ -276,51 +227,10 @@ class TCDScheduler(SchedulerFrontend):
         (``⌊T·strength⌋`` points, ``steps_offset`` not applied): N = 4 gives ``[999, 749, 499, 249]``.
         """
         c = self._active
-        T = c["num_train_timesteps"]
-        if (num_inference_steps is None) == (timesteps is None):
-            raise ValueError(
-                "pass exactly one of num_inference_steps or timesteps, got "
-                f"num_inference_steps={num_inference_steps!r} and timesteps={timesteps!r}"
-            )
-        strength = check_number("strength", strength, 0.0, 1.0, low_open=True)
         full_grid = original_inference_steps is not None
-        if full_grid:
-            original_steps = check_int("original_inference_steps", original_inference_steps, 1, T)
-        else:
-            original_steps = c["original_inference_steps"]
-
-        if timesteps is not None:
-            arr = custom_schedule(timesteps, T)
-            keep = min(int(len(arr) * strength), len(arr))
-            if keep < 1:
-                raise ValueError(
-                    f"strength={strength} keeps no timestep of the {len(arr)} custom timesteps; "
-                    f"strength must be at least {1 / len(arr):.4g}"
-                )
-            self._warn_custom(arr, distillation_grid(T, original_steps, 1.0, full_grid), original_steps, strength)
-            arr = arr[len(arr) - keep :]
-            self.custom_timesteps = True
-        else:
-            n = check_int("num_inference_steps", num_inference_steps, 1, T)
-            trailing = c["timestep_spacing"] == "trailing"
-            if n > original_steps and not (trailing or full_grid):
-                raise ValueError(
-                    f"num_inference_steps={n} cannot exceed original_inference_steps={original_steps}: the schedule "
-                    "is a subset of the distillation grid"
-                )
-            offset = 0 if trailing else c["steps_offset"]
-            grid = distillation_grid(T, original_steps, strength, full_grid or trailing, offset)
-            if len(grid) < n:
-                what = (
-                    f"the full grid of T={T}" if full_grid or trailing else f"original_inference_steps={original_steps}"
-                )
-                raise ValueError(
-                    f"num_inference_steps={n} exceeds the {len(grid)} points of the grid ({what}, strength={strength}"
-                    f", steps_offset={offset}); use fewer steps or a larger strength"
-                )
-            arr = tcd_schedule(grid, n, c["timestep_spacing"])
-            self.custom_timesteps = False
-
+        steps: Any = original_inference_steps if full_grid else c["original_inference_steps"]
+        arr = vp_timesteps(c["num_train_timesteps"], num_inference_steps, timesteps, strength, steps, full_grid,
+                           c["timestep_spacing"], c["steps_offset"])  # fmt: skip
         dead = [int(t) for t in arr if t in self._zero_snr_timesteps]
         if c["prediction_type"] == "epsilon" and dead:
             raise ValueError(
@@ -330,20 +240,8 @@ class TCDScheduler(SchedulerFrontend):
             )
         self._set_schedule(arr, device)
         self.num_inference_steps = len(arr)
-        self._step_index = None
-        self._begin_index = None
-        self._restart_noise()
-
-    @staticmethod
-    def _warn_custom(arr: np.ndarray, grid: np.ndarray, original_steps: int, strength: float) -> None:
-        """Warn (as diffusers does) about custom timesteps that the model was not distilled on."""
-        if strength == 1.0 and arr[0] != grid[-1]:
-            logger.warning("custom timesteps start at %d, not at the top of the grid (%d)", arr[0], grid[-1])
-        off = [int(t) for t in arr if t not in set(grid.tolist())]
-        if off:
-            logger.warning("custom timesteps %s are not on the distillation grid; results may degrade", off)
-        if len(arr) > original_steps:
-            logger.warning("%d custom timesteps exceed original_inference_steps=%d", len(arr), original_steps)
+        self.custom_timesteps = timesteps is not None
+        self._new_loop(keep_begin_index=False)
 
     def previous_timestep(self, timestep: int | torch.Tensor) -> torch.Tensor:
         """The timestep after ``timestep`` in the schedule (−1 after the last), or ``timestep − 1`` before
@@ -371,8 +269,8 @@ class TCDScheduler(SchedulerFrontend):
         if table is None:
             boundary = None
             if self._config["consistency_boundary"]:
-                boundary = (self.final_alpha_cumprod, float(self._config["timestep_scaling"]))
-            table = build_vp_table(self.alphas_cumprod.to(work), self._timesteps_host, eta, boundary)
+                boundary = Boundary(float(self._config["timestep_scaling"]), bool(self._active["set_alpha_to_one"]))
+            table = build_table(self._path, [*self._timesteps_host, 0], eta, boundary, work)
             self._tables[(eta, work)] = table
             if self._fused:
                 prediction = self._config["prediction_type"]
@@ -404,17 +302,21 @@ class TCDScheduler(SchedulerFrontend):
                 ``(prev_sample, pred_noised_sample)``.
         """
         self._check_step_inputs(model_output, timestep, sample, generator)
-        dtype = torch.promote_types(model_output.dtype, sample.dtype)
-        table = self.step_table(eta, dtype)
-        i = self._advance(timestep, len(table))
-        row = table.rows[i]
-        noise = None
-        if row.draws_noise:
-            chosen = self._noise_generator(generator)
-            check_generator(chosen, sample.shape[0] if sample.ndim else 1)
-            noise = draw_noise(model_output.shape, chosen, model_output.device, dtype)
+        table = self.step_table(eta, torch.promote_types(model_output.dtype, sample.dtype))
+        return self._take_step(model_output, timestep, sample, generator, table, return_dict)
+
+    def _compute(
+        self,
+        model_output: torch.Tensor,
+        sample: torch.Tensor,
+        table: StepTable,
+        index: int,
+        row: StepRow,
+        noise: torch.Tensor | None,
+        return_dict: bool,
+    ) -> TCDSchedulerOutput | tuple[torch.Tensor, torch.Tensor]:
         if self._fused:
-            lin = self._folded[(table.gamma, table.dtype)][i]
+            lin = self._folded[(table.gamma, table.dtype)][index]
             prev, x_s = linear_step(model_output, sample, row, lin, noise)
             if not return_dict:
                 return (prev, x_s)
@@ -437,14 +339,9 @@ class TCDScheduler(SchedulerFrontend):
         T = self._config["num_train_timesteps"]
         if t.device.type == "cpu" and t.numel() and (int(t.min()) < 0 or int(t.max()) >= T):
             raise ValueError(f"timesteps must lie in [0, {T - 1}], got {t.min().item()} … {t.max().item()}")
-        work = working_dtype(like.dtype)
-        key = (str(t.device), work)
-        if key not in self._noise_tables:
-            alpha, sigma = self._path.alpha_sigma(work)
-            self._noise_tables[key] = (alpha.to(t.device), sigma.to(t.device))
         shape = (-1,) + (1,) * (like.ndim - 1) if t.ndim else ()
-        alpha, sigma = (tab[t.long()].to(like.device).reshape(shape) for tab in self._noise_tables[key])
-        return alpha, sigma
+        alpha, sigma = self._path.alpha_sigma(t, working_dtype(like.dtype))
+        return alpha.to(like.device).reshape(shape), sigma.to(like.device).reshape(shape)
 
     def add_noise(
         self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor | Sequence[int] | int

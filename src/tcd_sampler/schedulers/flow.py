@@ -19,23 +19,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._frontend import (
-    SchedulerFrontend,
-    StepOutput,
-    check_bool,
-    check_choice,
-    check_float_tensor,
-    check_generator,
-    check_int,
-    check_number,
-    record_explicit_keys,
-)
-from .sampling import tcd_table
-from .step import FLOW, StepTable, draw_noise, flow_x0, tcd_step
+from ..core.checks import check_float_tensor, check_number, check_values
+from ..core.flow_schedules import flow_sigmas, loop_sigmas, mu_for, time_shift
+from ..core.paths import RectifiedFlow
+from ..core.predictions import FLOW
+from ..core.step import flow_x0, tcd_step
+from ..core.table import StepRow, StepTable, build_table
+from .base import SchedulerBase
+from .configuring import record_explicit_keys
+from .output import StepOutput
+from .validation import check_flow_config
 
 __all__ = ["FlowMatchTCDScheduler", "FlowMatchTCDSchedulerOutput"]
-
-TIME_SHIFT_TYPES = ("exponential", "linear")
 
 
 class FlowMatchTCDSchedulerOutput(StepOutput):
@@ -54,7 +49,7 @@ class FlowMatchTCDSchedulerOutput(StepOutput):
     _EXTRAS = ("pred_noised_sample",)
 
 
-class FlowMatchTCDScheduler(SchedulerFrontend):
+class FlowMatchTCDScheduler(SchedulerBase):
     """TCD's Strategic Stochastic Sampling on the rectified-flow path, a drop-in for
     ``FlowMatchEulerDiscreteScheduler``.
 
@@ -116,32 +111,19 @@ class FlowMatchTCDScheduler(SchedulerFrontend):
 
     def _apply_config(self, config: Mapping[str, Any]) -> None:
         c, active = self._settle(config)
-        T = check_int("num_train_timesteps", c["num_train_timesteps"], 1)
-        check_number("shift", c["shift"], 0.0, math.inf, low_open=True)
-        for name in ("use_dynamic_shifting", "invert_sigmas", "use_karras_sigmas", "use_exponential_sigmas",
-                     "use_beta_sigmas", "stochastic_sampling"):  # fmt: skip
-            check_bool(name, c[name])
-        check_choice("time_shift_type", c["time_shift_type"], TIME_SHIFT_TYPES)
-        check_number("gamma", c["gamma"], 0.0, 1.0)
-        if c["shift_terminal"] is not None:
-            terminal = check_number("shift_terminal", c["shift_terminal"], 0.0, 1.0, low_open=True)
-            if terminal == 1.0:
-                raise ValueError("shift_terminal must be in (0, 1): at 1 every sigma but the last is 1")
-        if sum(bool(c[k]) for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")) > 1:
-            raise ValueError("use at most one of use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas")
+        check_flow_config(c)
         self._config = c
         self._active = active
         self._shift = float(c["shift"])
-        timesteps = torch.from_numpy(np.linspace(1, T, T, dtype=np.float32)[::-1].copy())
-        sigmas = timesteps / T
-        if not c["use_dynamic_shifting"]:
-            sigmas = self._shift * sigmas / (1 + (self._shift - 1) * sigmas)
+        T = int(c["num_train_timesteps"])
+        sigmas = flow_sigmas(T, None if c["use_dynamic_shifting"] else self._shift)
         self.sigma_min = float(sigmas[-1])
         self.sigma_max = float(sigmas[0])
         self.num_inference_steps: int | None = None
         self._set_schedule(sigmas * T, torch.cat([sigmas, torch.zeros(1)]))
         self._step_index = None
         self._begin_index = None
+        self._path = RectifiedFlow()
 
     @property
     def shift(self) -> float:
@@ -161,19 +143,11 @@ class FlowMatchTCDScheduler(SchedulerFrontend):
         """The dynamic shift ``mu`` for a latent of ``image_seq_len`` tokens, interpolated linearly between
         ``(base_image_seq_len, base_shift)`` and ``(max_image_seq_len, max_shift)`` as the FLUX pipelines do."""
         c = self._config
-        if c["max_image_seq_len"] == c["base_image_seq_len"]:
-            raise ValueError("mu_for needs max_image_seq_len != base_image_seq_len")
-        slope = (c["max_shift"] - c["base_shift"]) / (c["max_image_seq_len"] - c["base_image_seq_len"])
-        return image_seq_len * slope + (c["base_shift"] - slope * c["base_image_seq_len"])
+        return mu_for(image_seq_len, c["base_image_seq_len"], c["max_image_seq_len"], c["base_shift"], c["max_shift"])
 
     def time_shift(self, mu: float, sigma: float, t: np.ndarray) -> np.ndarray:
         """The dynamic shift of times ``t`` by ``mu`` (``time_shift_type`` form)."""
-        if self._config["time_shift_type"] == "exponential":
-            return math.exp(mu) / (math.exp(mu) + (1 / t - 1) ** sigma)
-        return mu / (mu + (1 / t - 1) ** sigma)
-
-    def _sigma_to_t(self, sigma: Any) -> Any:
-        return sigma * self._config["num_train_timesteps"]
+        return time_shift(mu, sigma, t, self._config["time_shift_type"])
 
     # ---------------------------------------------------------------- schedule
 
@@ -195,7 +169,7 @@ class FlowMatchTCDScheduler(SchedulerFrontend):
         reads follows, and the next step starts a new loop."""
         t = torch.as_tensor(value, dtype=torch.float32).clone()  # never alias the caller's tensor
         T = float(self._config["num_train_timesteps"])
-        self._check_values("timesteps", t.cpu().numpy(), 0.0, T, descending=not self._config["invert_sigmas"])
+        check_values("timesteps", t.cpu().numpy(), 0.0, T, descending=not self._config["invert_sigmas"])
         end = torch.ones(1) if self._config["invert_sigmas"] else torch.zeros(1)
         self._replace_schedule(t, torch.cat([t.cpu() / T, end]).to(t.device))
 
@@ -209,7 +183,7 @@ class FlowMatchTCDScheduler(SchedulerFrontend):
     def sigmas(self, value: torch.Tensor | Sequence[float]) -> None:
         """Assigning sigmas (with the clean end, as :attr:`sigmas` holds them) sets the timesteps to ``σ·T``."""
         sig = torch.as_tensor(value, dtype=torch.float32).clone()
-        self._check_values("sigmas", sig.cpu().numpy(), 0.0, 1.0, descending=not self._config["invert_sigmas"])
+        check_values("sigmas", sig.cpu().numpy(), 0.0, 1.0, descending=not self._config["invert_sigmas"])
         if len(sig) < 2:
             raise ValueError("sigmas must hold at least one step and the clean end")
         self._replace_schedule(sig[:-1] * self._config["num_train_timesteps"], sig)
@@ -217,8 +191,7 @@ class FlowMatchTCDScheduler(SchedulerFrontend):
     def _replace_schedule(self, timesteps: torch.Tensor, sigmas: torch.Tensor) -> None:
         self._set_schedule(timesteps, sigmas)
         self.num_inference_steps = len(timesteps)
-        self._step_index = None
-        self._restart_noise()
+        self._new_loop()
 
     def set_timesteps(
         self,
@@ -239,39 +212,8 @@ class FlowMatchTCDScheduler(SchedulerFrontend):
         """
         c = self._config
         T = c["num_train_timesteps"]
-        if c["use_dynamic_shifting"] and mu is None:
-            raise ValueError("mu must be passed to set_timesteps when use_dynamic_shifting is True (see mu_for)")
-        if mu is not None:
-            check_number("mu", mu, -math.inf, math.inf)
-        if sigmas is not None and timesteps is not None and len(sigmas) != len(timesteps):
-            raise ValueError(f"sigmas and timesteps must have the same length, got {len(sigmas)} and {len(timesteps)}")
-        if num_inference_steps is None:
-            if sigmas is None and timesteps is None:
-                raise ValueError("pass num_inference_steps, sigmas or timesteps")
-            num_inference_steps = len(sigmas) if sigmas is not None else len(timesteps)  # type: ignore[arg-type]
-        else:
-            check_int("num_inference_steps", num_inference_steps, 1)
-            for name, given in (("sigmas", sigmas), ("timesteps", timesteps)):
-                if given is not None and len(given) != num_inference_steps:
-                    raise ValueError(f"{name} must have num_inference_steps={num_inference_steps} entries")
-
-        given_t = None if timesteps is None else self._check_values("timesteps", timesteps, 0.0, float(T))
-        if sigmas is None:
-            base = given_t if given_t is not None else np.linspace(
-                self._sigma_to_t(self.sigma_max), self._sigma_to_t(self.sigma_min), num_inference_steps
-            )  # fmt: skip
-            sig = base / T
-        else:
-            sig = self._check_values("sigmas", sigmas, 0.0, 1.0)
-        if c["use_dynamic_shifting"]:
-            sig = self.time_shift(float(mu), 1.0, sig)  # type: ignore[arg-type]
-        else:
-            sig = self._shift * sig / (1 + (self._shift - 1) * sig)
-        if c["shift_terminal"]:
-            one_minus = 1 - sig
-            sig = 1 - one_minus / (one_minus[-1] / (1 - c["shift_terminal"]))
-        sig = self._respace(np.asarray(sig), num_inference_steps)
-
+        ends = (self.sigma_max, self.sigma_min)
+        n, given_t, sig = loop_sigmas(c, self._shift, ends, num_inference_steps, sigmas, mu, timesteps)
         sig_t = torch.from_numpy(np.asarray(sig)).to(dtype=torch.float32, device=device)
         ts = torch.from_numpy(given_t).to(dtype=torch.float32, device=device) if given_t is not None else sig_t * T
         end = torch.zeros(1, device=sig_t.device)
@@ -280,43 +222,8 @@ class FlowMatchTCDScheduler(SchedulerFrontend):
             ts = sig_t * T
             end = torch.ones(1, device=sig_t.device)
         self._set_schedule(ts, torch.cat([sig_t, end]))
-        self.num_inference_steps = num_inference_steps
-        self._step_index = None
-        self._begin_index = None
-        self._restart_noise()
-
-    @staticmethod
-    def _check_values(
-        name: str, values: Sequence[float] | np.ndarray, low: float, high: float, descending: bool = True
-    ) -> np.ndarray:
-        arr = np.array(values, dtype=np.float32, copy=True)  # never alias the caller's array
-        if arr.ndim != 1 or arr.size == 0:
-            raise ValueError(f"{name} must be a non-empty 1-D sequence, got shape {arr.shape}")
-        if not np.all(np.isfinite(arr)) or arr.min() < low or arr.max() > high:
-            raise ValueError(f"{name} must lie in [{low}, {high}], got {arr.min()} … {arr.max()}")
-        if np.any(np.diff(arr) >= 0 if descending else np.diff(arr) <= 0):
-            order = "descending" if descending else "ascending (invert_sigmas)"
-            raise ValueError(f"{name} must be strictly {order}, got {arr.tolist()}")
-        return arr
-
-    def _respace(self, sig: np.ndarray, n: int) -> np.ndarray:
-        """Karras / exponential / beta respacing between the schedule's ends (or the config's sigma_min/max)."""
-        c = self._config
-        if not (c["use_karras_sigmas"] or c["use_exponential_sigmas"] or c["use_beta_sigmas"]):
-            return sig
-        lo = float(c["sigma_min"]) if c.get("sigma_min") is not None else float(sig[-1])
-        hi = float(c["sigma_max"]) if c.get("sigma_max") is not None else float(sig[0])
-        if c["use_karras_sigmas"]:
-            rho = 7.0
-            ramp = np.linspace(0, 1, n)
-            return (hi ** (1 / rho) + ramp * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
-        if c["use_exponential_sigmas"]:
-            return np.exp(np.linspace(math.log(hi), math.log(lo), n))
-        try:
-            from scipy.stats import beta
-        except ImportError:
-            raise ImportError("use_beta_sigmas needs scipy: pip install scipy") from None
-        return np.array([lo + ppf * (hi - lo) for ppf in (beta.ppf(x, 0.6, 0.6) for x in 1 - np.linspace(0, 1, n))])
+        self.num_inference_steps = n
+        self._new_loop(keep_begin_index=False)
 
     # -------------------------------------------------------------------- step
 
@@ -330,7 +237,7 @@ class FlowMatchTCDScheduler(SchedulerFrontend):
             levels = np.asarray(self._sigmas_host, dtype=np.float64)
             if self._config["invert_sigmas"]:
                 levels = 1.0 - levels  # the noise level of an inverted schedule
-            table = tcd_table(levels.tolist(), gamma, flow=True)  # the schedule ends at noise level 0
+            table = build_table(self._path, levels, gamma)  # the schedule ends at noise level 0
             self._tables[gamma] = table
         return table
 
@@ -372,17 +279,24 @@ class FlowMatchTCDScheduler(SchedulerFrontend):
         if per_token_timesteps is not None:
             raise NotImplementedError("FlowMatchTCDScheduler does not support per_token_timesteps")
         self._check_step_inputs(model_output, timestep, sample, generator)
-        table = self.step_table(gamma)
-        i = self._advance(timestep, len(table))
-        row = table.rows[i]
+        return self._take_step(model_output, timestep, sample, generator, self.step_table(gamma), return_dict)
+
+    def _noise_dtype(self, model_output: torch.Tensor, sample: torch.Tensor) -> torch.dtype:
+        """The step computes in float32 (as diffusers' flow schedulers), and draws ``z`` in it."""
+        return torch.float32
+
+    def _compute(
+        self,
+        model_output: torch.Tensor,
+        sample: torch.Tensor,
+        table: StepTable,
+        index: int,
+        row: StepRow,
+        noise: torch.Tensor | None,
+        return_dict: bool,
+    ) -> FlowMatchTCDSchedulerOutput | tuple[torch.Tensor]:
         velocity = -model_output if self._config["invert_sigmas"] else model_output
-        x = sample.to(torch.float32)
-        noise = None
-        if row.draws_noise:
-            chosen = self._noise_generator(generator)
-            check_generator(chosen, x.shape[0] if x.ndim else 1)
-            noise = draw_noise(x.shape, chosen, x.device, x.dtype)
-        u = velocity.to(torch.float32)
+        x, u = sample.to(torch.float32), velocity.to(torch.float32)
         prev, x_s, _ = tcd_step(u, x, row, FLOW, noise)
         dtype = model_output.dtype
         if not return_dict:

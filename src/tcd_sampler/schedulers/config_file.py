@@ -70,7 +70,7 @@ def package_version() -> str:
     try:
         return metadata.version("tcd-sampler")
     except metadata.PackageNotFoundError:
-        from . import __version__
+        from .. import __version__
 
         return __version__
 
