@@ -12,8 +12,9 @@ from .core.step import consistency_jump, tcd_step
 from .core.table import StepRow, StepTable, build_table, build_vp_table
 from .sampling import sample_tcd, sample_tcd_rf
 from .schedulers.config_file import FrozenConfig
-from .schedulers.flow import FlowMatchTCDScheduler, FlowMatchTCDSchedulerOutput
-from .schedulers.vp import TCDScheduler, TCDSchedulerOutput
+from .schedulers.flow import FlowMatchTCDScheduler
+from .schedulers.output import FlowMatchTCDSchedulerOutput, TCDSchedulerOutput
+from .schedulers.vp import TCDScheduler
 
 __version__ = "0.1.0"
 

@@ -1,18 +1,9 @@
-"""Gaussian paths ``x_t = α_t·x0 + σ_t·ε``, each in its own time: what a TCD step runs on.
-
-A path is one class with the :class:`Path` interface:
-
-- ``alpha_sigma(t)``: ``(α_t, σ_t)`` for an array or a tensor of times (tensors stay tensors: batched, on their
-  device, differentiable where the path is continuous), what the trainer and the forward process read;
-- ``coefficients(t, s, t_prev, dtype)``: every per-step coefficient of a loop at once, in a working precision (what
-  :func:`tcd_sampler.core.table.build_table` reads);
-- ``target(t_prev, γ)``: TCD's denoising target ``s = (1 − γ)·t'`` in the path's time, which must never lie above
-  ``t'`` (on a discrete grid: ``⌊·⌋`` in float32, as the reference);
-- ``sigma_to_t`` / ``t_to_sigma``: the path's time ↔ the ``sigma`` a k-diffusion-style sampler passes its model.
-
-The paths here: :class:`VPDiscrete` (DDPM's integer grid; also a discrete VP model's time map in VE sigma),
-:class:`VE` (k-diffusion's ``x = x0 + σ·ε``, optionally in a model's own time), its subclass :class:`EDM` (Karras
-et al. 2022 preconditioning) and :class:`RectifiedFlow` (``x = (1 − t)·x0 + t·ε``).
+"""Gaussian paths ``x_t = α_t·x0 + σ_t·ε``, each in its own time: one class a path, with the :class:`Path` interface
+(``alpha_sigma`` on arrays or tensors, batched and differentiable; ``coefficients`` for the table builder; TCD's
+``target`` ``s = (1 − γ)·t'``, never above ``t'``; ``sigma_to_t`` / ``t_to_sigma``, the time ↔ a k-diffusion sampler's
+sigma). Here: :class:`VPDiscrete` (DDPM's integer grid, also a discrete VP model's time map in VE sigma), :class:`VE`
+(``x = x0 + σ·ε``, optionally in a model's own time), :class:`EDM` (VE with Karras et al.'s preconditioning) and
+:class:`RectifiedFlow` (``x = (1 − t)·x0 + t·ε``).
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ import os
 from collections.abc import Iterable, Mapping
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 
@@ -242,3 +242,53 @@ def split_config(
         else:
             logger.debug("keeping %s keys %s that %s does not use", source, unknown, class_name)
     return init, extras
+
+
+class ConfigFiles:
+    """Loading and saving a scheduler as ``scheduler_config.json`` (a mixin of the scheduler base)."""
+
+    _config: FrozenConfig
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], return_unused_kwargs: bool = False, **kwargs: Any) -> Any:
+        raise NotImplementedError  # pragma: no cover - the scheduler base defines it
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike[str],
+        subfolder: str | None = None,
+        return_unused_kwargs: bool = False,
+        **kwargs: Any,
+    ) -> Self | tuple[Self, dict[str, Any]]:
+        """Load ``scheduler_config.json`` from a folder (e.g. a pipeline folder with ``subfolder="scheduler"``), a
+        JSON file, or a Hub repo id. Constructor parameters in ``kwargs`` override the file; the Hub options
+        ``cache_dir``, ``revision``, ``token``, ``local_files_only``, ``force_download``, ``proxies`` are passed on."""
+        hub_keys = ("cache_dir", "revision", "token", "local_files_only", "force_download", "proxies")
+        hub = {k: kwargs.pop(k) for k in hub_keys if k in kwargs}
+        # what diffusers' loaders pass to every component; a scheduler config has no variant or dtype
+        for key in ("variant", "torch_dtype", "dtype", "user_agent", "use_safetensors", "low_cpu_mem_usage"):
+            kwargs.pop(key, None)
+        if kwargs.pop("dduf_entries", None):
+            raise NotImplementedError(f"{cls.__name__}.from_pretrained cannot read DDUF archives; unpack it first")
+        config = load_config_file(pretrained_model_name_or_path, subfolder, **hub)
+        return cls.from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
+    def save_pretrained(self, save_directory: str | os.PathLike[str], **kwargs: Any) -> None:
+        """Write ``scheduler_config.json`` into ``save_directory`` (created if missing), in diffusers' format."""
+        if kwargs.get("push_to_hub"):
+            raise ValueError("push_to_hub is not supported; save locally and upload with huggingface_hub")
+        directory = Path(save_directory)
+        if directory.is_file():
+            raise ValueError(f"save_directory must be a folder, got the file {directory}")
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / CONFIG_NAME).write_text(self.to_json_string(), encoding="utf-8")
+
+    save_config = save_pretrained
+
+    def to_json_string(self) -> str:
+        """The config as diffusers writes it (sorted keys, ``_class_name``, ``_diffusers_version``)."""
+        return config_to_json(self._config, type(self).__name__)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__} {self.to_json_string()}"

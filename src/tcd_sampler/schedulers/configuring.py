@@ -1,11 +1,6 @@
 """Config plumbing of the diffusers-compatible schedulers: ``config``, ``_internal_dict``, ``register_to_config``,
-``from_config``, ``from_pretrained``, ``save_pretrained``, and the rule for keys from someone else's config.
-
-**Guarded keys.** Parameters whose effect here would move the results away from the reference's when their value
-comes from someone else's config are kept in the config but not applied (listed under ``_tcd_sampler_unapplied``)
-unless the caller passes them explicitly or a config this package wrote records applying that very value
-(``_tcd_sampler_applied``). :meth:`GuardedConfig._settle` turns a config into the stored one (what ``config`` shows
-and saves) and the active one (what the scheduler does).
+``from_config``, ``from_pretrained``, ``save_pretrained``, and the rule for keys from someone else's config (the
+guarded keys, see :attr:`GuardedConfig._guarded_keys`).
 
 A scheduler decorates its ``__init__`` with :func:`record_explicit_keys`, passes its arguments to ``_init_config``
 and implements ``_apply_config(config)``, which validates a full config, builds its path and resets its schedule.
@@ -16,10 +11,8 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-import os
 import warnings
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any, ClassVar, Self
 
 from .config_file import (
@@ -27,11 +20,10 @@ from .config_file import (
     CONFIG_NAME,
     OWN_MARK,
     UNAPPLIED_KEY,
+    ConfigFiles,
     FrozenConfig,
     config_family,
-    config_to_json,
     is_own_config,
-    load_config_file,
     package_version,
     split_config,
 )
@@ -204,7 +196,7 @@ class GuardedConfig:
         return sorted(k for k in keys if k in config and config[k] != defaults[k])
 
 
-class ConfigurableScheduler(GuardedConfig):
+class ConfigurableScheduler(ConfigFiles, GuardedConfig):
     """Building, loading and saving a scheduler from and to diffusers' config format."""
 
     config_name: ClassVar[str] = CONFIG_NAME
@@ -281,46 +273,6 @@ class ConfigurableScheduler(GuardedConfig):
 
     #: What results a guarded key would move away from (for the log line of :meth:`from_config`).
     _reference: ClassVar[str] = "the reference's"
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        pretrained_model_name_or_path: str | os.PathLike[str],
-        subfolder: str | None = None,
-        return_unused_kwargs: bool = False,
-        **kwargs: Any,
-    ) -> Self | tuple[Self, dict[str, Any]]:
-        """Load ``scheduler_config.json`` from a folder (e.g. a pipeline folder with ``subfolder="scheduler"``), a
-        JSON file, or a Hub repo id. Constructor parameters in ``kwargs`` override the file; the Hub options
-        ``cache_dir``, ``revision``, ``token``, ``local_files_only``, ``force_download``, ``proxies`` are passed on."""
-        hub_keys = ("cache_dir", "revision", "token", "local_files_only", "force_download", "proxies")
-        hub = {k: kwargs.pop(k) for k in hub_keys if k in kwargs}
-        # what diffusers' loaders pass to every component; a scheduler config has no variant or dtype
-        for key in ("variant", "torch_dtype", "dtype", "user_agent", "use_safetensors", "low_cpu_mem_usage"):
-            kwargs.pop(key, None)
-        if kwargs.pop("dduf_entries", None):
-            raise NotImplementedError(f"{cls.__name__}.from_pretrained cannot read DDUF archives; unpack it first")
-        config = load_config_file(pretrained_model_name_or_path, subfolder, **hub)
-        return cls.from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
-
-    def save_pretrained(self, save_directory: str | os.PathLike[str], **kwargs: Any) -> None:
-        """Write ``scheduler_config.json`` into ``save_directory`` (created if missing), in diffusers' format."""
-        if kwargs.get("push_to_hub"):
-            raise ValueError("push_to_hub is not supported; save locally and upload with huggingface_hub")
-        directory = Path(save_directory)
-        if directory.is_file():
-            raise ValueError(f"save_directory must be a folder, got the file {directory}")
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / CONFIG_NAME).write_text(self.to_json_string(), encoding="utf-8")
-
-    save_config = save_pretrained
-
-    def to_json_string(self) -> str:
-        """The config as diffusers writes it (sorted keys, ``_class_name``, ``_diffusers_version``)."""
-        return config_to_json(self._config, type(self).__name__)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__} {self.to_json_string()}"
 
     @property
     def compatibles(self) -> list[type]:

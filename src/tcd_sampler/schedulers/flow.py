@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..core.checks import check_float_tensor, check_number, check_values
+from ..core.checks import check_number, check_values
 from ..core.flow_schedules import flow_sigmas, loop_sigmas, mu_for, time_shift
 from ..core.paths import RectifiedFlow
 from ..core.predictions import FLOW
@@ -27,29 +27,14 @@ from ..core.step import flow_x0, tcd_step
 from ..core.table import StepRow, StepTable, build_table
 from .base import SchedulerBase
 from .configuring import record_explicit_keys
-from .output import StepOutput
+from .forward import FlowForwardProcess
+from .output import FlowMatchTCDSchedulerOutput
 from .validation import check_flow_config
 
 __all__ = ["FlowMatchTCDScheduler", "FlowMatchTCDSchedulerOutput"]
 
 
-class FlowMatchTCDSchedulerOutput(StepOutput):
-    """Output of :meth:`FlowMatchTCDScheduler.step`.
-
-    Attributes:
-        prev_sample: the next model input, ``x`` at the next sigma.
-        pred_noised_sample: ``x_s``, the denoised estimate carried to ``σ_s = (1 − γ)·σ_next``.
-        pred_original_sample: ``x̂0 = x − σ·u``.
-
-    As diffusers' flow schedulers, its one key and its tuple form (``return_dict=False``) are ``prev_sample``; the
-    other two are attributes.
-    """
-
-    _FIELDS = ("prev_sample",)
-    _EXTRAS = ("pred_noised_sample",)
-
-
-class FlowMatchTCDScheduler(SchedulerBase):
+class FlowMatchTCDScheduler(SchedulerBase, FlowForwardProcess):
     """TCD's Strategic Stochastic Sampling on the rectified-flow path, a drop-in for
     ``FlowMatchEulerDiscreteScheduler``.
 
@@ -303,21 +288,3 @@ class FlowMatchTCDScheduler(SchedulerBase):
             return (prev.to(dtype),)
         x0 = flow_x0(u, x, row.sigma_t).to(dtype)  # from the inputs as they are now, which the caller may reuse
         return FlowMatchTCDSchedulerOutput(prev.to(dtype), pred_noised_sample=x_s.to(dtype), pred_original_sample=x0)
-
-    # ------------------------------------------------------------ forward path
-
-    def scale_noise(
-        self, sample: torch.Tensor, timestep: float | torch.Tensor, noise: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """The forward process ``σ·noise + (1 − σ)·sample`` at ``timestep`` (one per batch item), for img2img."""
-        check_float_tensor("sample", sample)
-        if noise is None:
-            raise ValueError("scale_noise needs noise, a tensor shaped like sample")
-        ts = torch.as_tensor(timestep).reshape(-1)
-        if self._begin_index is None:
-            indices = [self.index_for_timestep(t) for t in ts]
-        else:
-            indices = [self._step_index if self._step_index is not None else self._begin_index] * len(ts)
-        sigma = self.sigmas.to(device=sample.device, dtype=sample.dtype)[indices].flatten()
-        sigma = sigma.reshape(-1, *([1] * (sample.ndim - 1)))
-        return sigma * noise + (1.0 - sigma) * sample

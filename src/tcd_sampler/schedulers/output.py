@@ -1,5 +1,6 @@
-"""What a scheduler's ``step`` returns: :class:`StepOutput`, shaped like diffusers' ``BaseOutput``, and
-:func:`lazy_tensor`, the guarded deferred ``x̂0`` of the fused path."""
+"""What a scheduler's ``step`` returns: :class:`StepOutput`, shaped like diffusers' ``BaseOutput``, its two kinds
+(:class:`TCDSchedulerOutput`, :class:`FlowMatchTCDSchedulerOutput`), and :func:`lazy_tensor`, the guarded deferred
+``x̂0`` of the fused path."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any, ClassVar
 
 import torch
 
-__all__ = ["StepOutput", "lazy_tensor"]
+__all__ = ["FlowMatchTCDSchedulerOutput", "StepOutput", "TCDSchedulerOutput", "lazy_tensor"]
 
 
 def _version(tensor: torch.Tensor) -> int | None:
@@ -181,3 +182,35 @@ def _rebuild_output(
         if key not in cls._EXTRAS:
             out.__dict__[key] = value
     return out
+
+
+class TCDSchedulerOutput(StepOutput):
+    """Output of :meth:`TCDScheduler.step`.
+
+    Attributes:
+        prev_sample: ``x_t'``, the input of the next model call, shape of the sample.
+        pred_noised_sample: ``x_s``, the denoised estimate carried to time ``s``.
+        pred_original_sample: ``x̂0`` after clipping/thresholding. With ``fused_step`` it is computed when first read,
+            which raises if ``model_output`` or ``sample`` were changed in place since (read it before reusing them
+            through ``.data``, numpy views or CUDA graph replays, which torch does not count).
+
+    As diffusers' ``TCDSchedulerOutput``: a mapping whose keys are ``prev_sample`` and ``pred_noised_sample``, and
+    whose tuple form (``to_tuple()``, ``out[0]``, ``step(..., return_dict=False)``) is the pair of them;
+    ``pred_original_sample`` is an extra attribute (readable and assignable, as InvokeAI's inpainting does).
+    """
+
+
+class FlowMatchTCDSchedulerOutput(StepOutput):
+    """Output of :meth:`FlowMatchTCDScheduler.step`.
+
+    Attributes:
+        prev_sample: the next model input, ``x`` at the next sigma.
+        pred_noised_sample: ``x_s``, the denoised estimate carried to ``σ_s = (1 − γ)·σ_next``.
+        pred_original_sample: ``x̂0 = x − σ·u``.
+
+    As diffusers' flow schedulers, its one key and its tuple form (``return_dict=False``) are ``prev_sample``; the
+    other two are attributes.
+    """
+
+    _FIELDS = ("prev_sample",)
+    _EXTRAS = ("pred_noised_sample",)

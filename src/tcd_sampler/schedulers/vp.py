@@ -6,7 +6,6 @@ It holds the configuration, the schedule and the step counter, validates input a
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping, Sequence
 from functools import partial
 from typing import Any
@@ -14,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..core.checks import check_float_tensor, check_number
+from ..core.checks import check_number
 from ..core.fused import LinearRow, fold_row, fused_x0, linear_step
 from ..core.paths import VPDiscrete
 from ..core.schedules import custom_schedule, vp_timesteps
@@ -22,34 +21,17 @@ from ..core.step import GeneratorLike, clip_x0, dynamic_threshold_x0, tcd_step, 
 from ..core.table import Boundary, StepRow, StepTable, build_table
 from .base import SchedulerBase
 from .configuring import record_explicit_keys
-from .output import StepOutput, lazy_tensor
+from .forward import VPForwardProcess
+from .output import TCDSchedulerOutput, lazy_tensor
 from .validation import vp_betas
 
 __all__ = ["TCDScheduler", "TCDSchedulerOutput"]
-
-logger = logging.getLogger("tcd_sampler")
 
 #: The default of the ``eta`` config key: what ``step`` uses when it gets ``eta=None``.
 DEFAULT_ETA = 0.3
 
 
-class TCDSchedulerOutput(StepOutput):
-    """Output of :meth:`TCDScheduler.step`.
-
-    Attributes:
-        prev_sample: ``x_t'``, the input of the next model call, shape of the sample.
-        pred_noised_sample: ``x_s``, the denoised estimate carried to time ``s``.
-        pred_original_sample: ``x̂0`` after clipping/thresholding. With ``fused_step`` it is computed when first read,
-            which raises if ``model_output`` or ``sample`` were changed in place since (read it before reusing them
-            through ``.data``, numpy views or CUDA graph replays, which torch does not count).
-
-    As diffusers' ``TCDSchedulerOutput``: a mapping whose keys are ``prev_sample`` and ``pred_noised_sample``, and
-    whose tuple form (``to_tuple()``, ``out[0]``, ``step(..., return_dict=False)``) is the pair of them;
-    ``pred_original_sample`` is an extra attribute (readable and assignable, as InvokeAI's inpainting does).
-    """
-
-
-class TCDScheduler(SchedulerBase):
+class TCDScheduler(SchedulerBase, VPForwardProcess):
     """Strategic Stochastic Sampling of *Trajectory Consistency Distillation* (Zheng et al. 2024, Algorithm 4).
 
     A drop-in replacement for diffusers' ``TCDScheduler``: same constructor, config files, ``set_timesteps`` and
@@ -326,41 +308,3 @@ class TCDScheduler(SchedulerBase):
         if not return_dict:
             return (prev, x_s)
         return TCDSchedulerOutput(prev, x_s, pred_original_sample=x0)
-
-    # ------------------------------------------------------------ forward path
-
-    def _path_coefficients(
-        self, timesteps: torch.Tensor | Sequence[int] | int, like: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(α_t, σ_t)`` for ``timesteps``, shaped to broadcast against ``like`` (batch first)."""
-        t = torch.as_tensor(timesteps)
-        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-            raise TypeError(f"timesteps must be integers, got dtype {t.dtype}")
-        T = self._config["num_train_timesteps"]
-        if t.device.type == "cpu" and t.numel() and (int(t.min()) < 0 or int(t.max()) >= T):
-            raise ValueError(f"timesteps must lie in [0, {T - 1}], got {t.min().item()} … {t.max().item()}")
-        shape = (-1,) + (1,) * (like.ndim - 1) if t.ndim else ()
-        alpha, sigma = self._path.alpha_sigma(t, working_dtype(like.dtype))
-        return alpha.to(like.device).reshape(shape), sigma.to(like.device).reshape(shape)
-
-    def add_noise(
-        self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor | Sequence[int] | int
-    ) -> torch.Tensor:
-        """The forward process ``x_t = α_t·x0 + σ_t·ε`` for per-sample integer ``timesteps`` (which may live on the
-        CPU while the samples are elsewhere)."""
-        check_float_tensor("original_samples", original_samples)
-        if noise.shape != original_samples.shape:
-            raise ValueError(
-                f"noise must have the shape of original_samples {tuple(original_samples.shape)}, "
-                f"got {tuple(noise.shape)}"
-            )
-        a, s = self._path_coefficients(timesteps, original_samples)
-        return (a * original_samples + s * noise).to(original_samples.dtype)
-
-    def get_velocity(
-        self, sample: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor | Sequence[int] | int
-    ) -> torch.Tensor:
-        """The v-prediction target ``v = α_t·ε − σ_t·x0`` (``sample`` is the clean ``x0``)."""
-        check_float_tensor("sample", sample)
-        a, s = self._path_coefficients(timesteps, sample)
-        return (a * noise - s * sample).to(sample.dtype)
