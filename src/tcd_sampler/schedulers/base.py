@@ -9,6 +9,7 @@ as Python numbers) and ``_compute``, the step's math on one row; its ``step`` va
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -79,6 +80,22 @@ class SchedulerBase(StepNoise, ConfigurableScheduler):
     _timesteps_host: tuple[float, ...]
     _step_index: int | None
     _begin_index: int | None
+
+    _timesteps: torch.Tensor
+
+    @property
+    def timesteps(self) -> torch.Tensor:
+        """The loop's timesteps, on the device given to ``set_timesteps`` (``TCDScheduler``: descending ``int64``
+        grid points; ``FlowMatchTCDScheduler``: float32 ``σ·T``). Assigning them sets a custom schedule: everything
+        the step reads follows, and the next step starts a new loop."""
+        return self._timesteps
+
+    @timesteps.setter
+    def timesteps(self, value: torch.Tensor | Sequence[float]) -> None:
+        self._assign_timesteps(value)
+
+    def _assign_timesteps(self, value: Any) -> None:  # pragma: no cover - every scheduler defines it
+        raise NotImplementedError
 
     def _new_loop(self, keep_begin_index: bool = True) -> None:
         """A new schedule: the next step starts a new loop (at ``begin_index`` only where it is kept) and the step
@@ -159,7 +176,7 @@ class SchedulerBase(StepNoise, ConfigurableScheduler):
         """The position in ``self.timesteps`` of a timestep that is a view of it (what a loop over
         ``scheduler.timesteps``, or a slice of it, hands back), read from the view's storage offset: no device value
         is read. None for anything else."""
-        schedule: torch.Tensor = getattr(self, "timesteps")  # noqa: B009 - defined by the subclasses
+        schedule = self._timesteps
         if (
             isinstance(timestep, torch.Tensor)
             and timestep.ndim == 0
@@ -187,7 +204,7 @@ class SchedulerBase(StepNoise, ConfigurableScheduler):
         a device value: a Python or numpy number, a CPU tensor, a view of the schedule."""
         expected = self._timesteps_host[index]
         if isinstance(timestep, torch.Tensor):
-            schedule: torch.Tensor = getattr(self, "timesteps")  # noqa: B009 - defined by the subclasses
+            schedule = self._timesteps
             if (  # the common case, a loop over the schedule: the view at this index (no device read)
                 timestep.ndim == 0
                 and timestep.dtype == schedule.dtype

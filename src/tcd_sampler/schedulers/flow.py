@@ -143,13 +143,7 @@ class FlowMatchTCDScheduler(SchedulerBase, FlowForwardProcess):
         self._sigmas_host = tuple(sigmas.tolist())
         self._tables: dict[float, StepTable] = {}
 
-    @property
-    def timesteps(self) -> torch.Tensor:
-        """The loop's timesteps ``σ·T`` (float32, on the device given to ``set_timesteps``)."""
-        return self._timesteps
-
-    @timesteps.setter
-    def timesteps(self, value: torch.Tensor | Sequence[float]) -> None:
+    def _assign_timesteps(self, value: torch.Tensor | Sequence[float]) -> None:
         """Assigning timesteps sets the sigmas to ``timesteps / T`` (ending at the clean end): everything the step
         reads follows, and the next step starts a new loop."""
         t = torch.as_tensor(value, dtype=torch.float32).clone()  # never alias the caller's tensor

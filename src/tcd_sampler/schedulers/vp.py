@@ -167,13 +167,7 @@ class TCDScheduler(SchedulerBase, VPForwardProcess):
         self._requested: dict[tuple[float | None, torch.dtype], StepTable] = {}
         self._folded: dict[tuple[float, torch.dtype], tuple[LinearRow, ...]] = {}
 
-    @property
-    def timesteps(self) -> torch.Tensor:
-        """The descending integer timesteps of the schedule (``int64``, on the device given to ``set_timesteps``)."""
-        return self._timesteps
-
-    @timesteps.setter
-    def timesteps(self, value: torch.Tensor | Sequence[int]) -> None:
+    def _assign_timesteps(self, value: torch.Tensor | Sequence[int]) -> None:
         """Assigning timesteps is ``set_timesteps(timesteps=value)`` on the value's device: everything the step
         reads follows, and the next step starts a new loop."""
         arr = custom_schedule(torch.as_tensor(value).cpu().numpy(), self._config["num_train_timesteps"])
