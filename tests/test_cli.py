@@ -363,12 +363,16 @@ def test_minimum_strength() -> None:
 def test_lora_problems(
     model_dirs: dict[str, Path], out: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    import tcd_sampler.integrations.request
+
     argv = generate_argv(model_dirs["sd"], out / "x.png")
     fails([*argv, "--lora", str(out.parent / "nowhere.safetensors")], capsys, "--lora", "does not exist")
     fails([*argv, "--lora", "loras/tcd.safetensors"], capsys, "--lora", "does not exist")
-    real_find_spec = pipelines.importlib.util.find_spec
+    real_find_spec = tcd_sampler.integrations.request.importlib.util.find_spec
     monkeypatch.setattr(
-        pipelines.importlib.util, "find_spec", lambda name, *a: None if name == "peft" else real_find_spec(name, *a)
+        tcd_sampler.integrations.request.importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "peft" else real_find_spec(name, *a),
     )
     fails([*argv, "--lora", "h1t/TCD-SDXL-LoRA"], capsys, "--lora needs peft", "pip install")
     assert list(out.iterdir()) == []
