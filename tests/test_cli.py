@@ -363,12 +363,16 @@ def test_minimum_strength() -> None:
 def test_lora_problems(
     model_dirs: dict[str, Path], out: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    import tcd_sampler.integrations.request
+
     argv = generate_argv(model_dirs["sd"], out / "x.png")
     fails([*argv, "--lora", str(out.parent / "nowhere.safetensors")], capsys, "--lora", "does not exist")
     fails([*argv, "--lora", "loras/tcd.safetensors"], capsys, "--lora", "does not exist")
-    real_find_spec = pipelines.importlib.util.find_spec
+    real_find_spec = tcd_sampler.integrations.request.importlib.util.find_spec
     monkeypatch.setattr(
-        pipelines.importlib.util, "find_spec", lambda name, *a: None if name == "peft" else real_find_spec(name, *a)
+        tcd_sampler.integrations.request.importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "peft" else real_find_spec(name, *a),
     )
     fails([*argv, "--lora", "h1t/TCD-SDXL-LoRA"], capsys, "--lora needs peft", "pip install")
     assert list(out.iterdir()) == []
@@ -498,12 +502,12 @@ def test_unexpected_errors_propagate(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_distill_output_problems(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import tcd_sampler.distill
+    import tcd_sampler.distill.trainer
 
     def no_training(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("distillation started although --output is unusable")
 
-    monkeypatch.setattr(tcd_sampler.distill, "distill", no_training)
+    monkeypatch.setattr(tcd_sampler.distill.trainer, "distill", no_training)
     taken = tmp_path / "taken"
     taken.write_text("a regular file")
     fails(["distill", "--output", str(taken)], capsys, "--output", "taken is a file, not a folder")
@@ -514,27 +518,29 @@ def test_distill_output_problems(
 def test_demo_output_problems(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import tcd_sampler.demo
+    import tcd_sampler.evaluation.demo
 
-    real_run_demo = tcd_sampler.demo.run_demo
+    real_run_demo = tcd_sampler.evaluation.demo.run_demo
 
     def no_demo(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("the demo started although --output-dir is unusable")
 
-    monkeypatch.setattr(tcd_sampler.demo, "run_demo", no_demo)
+    monkeypatch.setattr(tcd_sampler.evaluation.demo, "run_demo", no_demo)
     taken = tmp_path / "taken"
     taken.write_text("a regular file")
     fails(["demo", "--output-dir", str(taken)], capsys, "--output-dir", "is a file, not a folder")
-    monkeypatch.setattr(tcd_sampler.demo, "load_student", no_demo)  # the library function checks first, too
+    monkeypatch.setattr(tcd_sampler.evaluation.demo, "load_student", no_demo)  # the library function checks first, too
     with pytest.raises(NotADirectoryError, match="is a file, not a folder"):
         real_run_demo(taken, samples=8, progress=False)
     assert taken.read_text() == "a regular file"
 
 
 def test_missing_extras(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    real_find_spec = cli.importlib.util.find_spec
+    real_find_spec = cli.commands.importlib.util.find_spec
     monkeypatch.setattr(
-        cli.importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real_find_spec(name, *a)
+        cli.commands.importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "matplotlib" else real_find_spec(name, *a),
     )
     fails(["demo", "--output-dir", str(tmp_path / "d")], capsys, "needs matplotlib (or pass --no-figure)", "[eval]")
     assert not (tmp_path / "d").exists()
@@ -602,19 +608,21 @@ def test_save_student_refuses_a_file(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("fail_in", ["figure", "json"])
 def test_demo_write_fails_midway(fail_in: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import tcd_sampler.demo
+    import tcd_sampler.evaluation.demo
 
     if fail_in == "figure":
-        monkeypatch.setattr(tcd_sampler.demo, "draw_figure", lambda *a: _partial_then(RuntimeError("plot"))(a[-1]))
+        monkeypatch.setattr(
+            tcd_sampler.evaluation.demo, "draw_figure", lambda *a: _partial_then(RuntimeError("plot"))(a[-1])
+        )
     else:
-        monkeypatch.setattr(tcd_sampler.demo, "draw_figure", lambda *a: Path(a[-1]).write_bytes(b"a figure"))
+        monkeypatch.setattr(tcd_sampler.evaluation.demo, "draw_figure", lambda *a: Path(a[-1]).write_bytes(b"a figure"))
 
         def dumps(*args: Any, **kwargs: Any) -> str:
             raise RuntimeError("json")
 
-        monkeypatch.setattr(tcd_sampler.demo.json, "dumps", dumps)
+        monkeypatch.setattr(tcd_sampler.evaluation.demo.json, "dumps", dumps)
     with pytest.raises(RuntimeError):
-        tcd_sampler.demo.run_demo(tmp_path, samples=16, nfes=(1,), progress=False)
+        tcd_sampler.evaluation.demo.run_demo(tmp_path, samples=16, nfes=(1,), progress=False)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tcd_sampler.cli import main
-from tcd_sampler.demo import run_demo
+from tcd_sampler.evaluation.demo import run_demo
 
 
 def test_demo_writes_its_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

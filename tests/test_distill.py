@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tcd_sampler.demo import ASSETS
 from tcd_sampler.distill import DistillConfig, distill, load_student, save_student
+from tcd_sampler.evaluation.demo import ASSETS
 
 SHORT = {"steps": 150, "warmup_steps": 100, "batch_size": 256}
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from tcd_sampler import TCDScheduler
-from tcd_sampler.toy import GaussianMixture, evaluate, gmm16, mode_weight_tv, ring2d, sharpness, sliced_w2
+from tcd_sampler.distill.teacher import GaussianMixture, gmm16, ring2d
+from tcd_sampler.evaluation.metrics import evaluate, mode_weight_tv, sharpness, sliced_w2
 
 
 def monte_carlo_x0(mixture: GaussianMixture, x: torch.Tensor, alpha: float, sigma: float, n: int) -> torch.Tensor:

@@ -1,13 +1,11 @@
-"""An exact teacher: Gaussian-mixture data with its exact posterior-mean denoiser, and sample-quality metrics.
+"""The exact teacher: Gaussian-mixture data with its exact posterior-mean denoiser.
 
 For data ``x0 ~ Σ_k w_k N(μ_k, s_k² I)`` on any Gaussian path ``x_t = α·x0 + σ·ε``, the noised data is again a
 mixture, ``Σ_k w_k N(α·μ_k, v_k I)`` with ``v_k = α²s_k² + σ²``, and the denoiser is exact:
 ``E[x0 | x_t] = Σ_k r_k(x_t) (μ_k + α·s_k²/v_k·(x_t − α·μ_k))`` with responsibilities ``r_k ∝ w_k N(x_t; α μ_k, v_k)``.
 From it every prediction type follows (ε̂, v, flow velocity), so the same teacher drives ``TCDScheduler``,
-``sample_tcd``, ``FlowMatchTCDScheduler`` and diffusers' schedulers.
-
-Metrics: sliced Wasserstein-2 (POT), the total variation between generated and true mode weights, and sharpness
-(the fraction of samples as close to some mode as 99.73 % of that mode's own samples, the "3 σ" radius).
+``sample_tcd``, ``FlowMatchTCDScheduler`` and diffusers' schedulers. The sample-quality metrics on these mixtures
+live in :mod:`tcd_sampler.evaluation.metrics`.
 """
 
 from __future__ import annotations
@@ -17,12 +15,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
-from .core.predictions import prediction
+from ..core.predictions import prediction
 
-__all__ = ["GaussianMixture", "evaluate", "gmm16", "mode_weight_tv", "ring2d", "sharpness", "sliced_w2"]
+__all__ = ["DATASETS", "GaussianMixture", "gmm16", "ring2d"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -33,7 +30,7 @@ class GaussianMixture:
         means: ``(K, d)`` float64 component means.
         stds: ``(K,)`` float64 component standard deviations (per coordinate).
         weights: ``(K,)`` float64 mixture weights, summing to 1.
-        name: a label for reports.
+        name: a label for reports. Default ``"mixture"``.
     """
 
     means: torch.Tensor
@@ -47,13 +44,24 @@ class GaussianMixture:
         return int(self.means.shape[1])
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``n`` samples ``(x0, component)``: float64 ``(n, d)`` and int64 ``(n,)``."""
+        """``n`` samples ``(x0, component)``: float64 ``(n, d)`` and int64 ``(n,)``.
+
+        Args:
+            n: how many samples.
+            generator: the generator of the draws (a component per sample, then the Gaussian noise); None (default)
+                is torch's global RNG.
+        """
         labels = torch.multinomial(self.weights, n, replacement=True, generator=generator)
         noise = torch.randn(n, self.dim, generator=generator, dtype=torch.float64)
         return self.means[labels] + self.stds[labels, None] * noise, labels
 
     def posterior_mean(self, x: torch.Tensor, alpha: Any, sigma: Any) -> torch.Tensor:
-        """``E[x0 | x_t = x]`` for ``x_t = α·x0 + σ·ε``; ``alpha``, ``sigma`` are scalars or ``(n,)`` tensors."""
+        """``E[x0 | x_t = x]`` for ``x_t = α·x0 + σ·ε``, in the dtype of ``x``.
+
+        Args:
+            x: the noisy samples, ``(n, d)``.
+            alpha, sigma: the path's ``α, σ``: scalars or ``(n,)`` tensors.
+        """
         xd = x.double()
         a = torch.as_tensor(alpha, dtype=torch.float64).reshape(-1, 1, 1)  # (n or 1, 1, 1)
         s = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1, 1, 1)
@@ -69,8 +77,13 @@ class GaussianMixture:
     def vp_model(
         self, alphas_cumprod: torch.Tensor, prediction_type: str = "epsilon"
     ) -> Callable[[torch.Tensor, Any], torch.Tensor]:
-        """``model(x_t, t)`` for a discrete VP schedule (diffusers' UNet convention): ``epsilon``, ``sample`` or
-        ``v_prediction`` output at integer timesteps ``t`` (scalar or per sample)."""
+        """``model(x_t, t)`` for a discrete VP schedule (diffusers' UNet convention), at integer timesteps ``t``
+        (scalar or per sample).
+
+        Args:
+            alphas_cumprod: the schedule's ``ᾱ_t``, indexed by timestep.
+            prediction_type: what the model outputs: ``epsilon`` (default), ``sample`` or ``v_prediction``.
+        """
         acp = alphas_cumprod.double()
         target = prediction(prediction_type).target
 
@@ -90,7 +103,11 @@ class GaussianMixture:
 
     def flow_model(self, num_train_timesteps: int = 1000) -> Callable[[torch.Tensor, Any], torch.Tensor]:
         """``model(x, t)`` predicting the flow velocity ``u = ε − x0`` on ``x = (1 − σ)·x0 + σ·ε``, with diffusers'
-        timesteps ``t = σ·T``."""
+        timesteps ``t = σ·T``.
+
+        Args:
+            num_train_timesteps: ``T``. Default 1000.
+        """
 
         def model(x: torch.Tensor, t: Any) -> torch.Tensor:
             sigma = torch.as_tensor(t, dtype=torch.float64).reshape(-1) / num_train_timesteps
@@ -103,7 +120,14 @@ class GaussianMixture:
 
 
 def ring2d(modes: int = 8, radius: float = 1.0, std: float = 0.1) -> GaussianMixture:
-    """Sharp, well-separated modes on a circle, with unequal weights (so mode-weight errors show)."""
+    """Sharp, well-separated modes on a circle, with unequal weights ``1 : 2 : … : modes`` (so mode-weight errors
+    show).
+
+    Args:
+        modes: the number of modes. Default 8.
+        radius: the circle's radius. Default 1.
+        std: each mode's standard deviation. Default 0.1.
+    """
     angles = torch.arange(modes, dtype=torch.float64) * (2 * math.pi / modes)
     means = radius * torch.stack([angles.cos(), angles.sin()], dim=1)
     weights = torch.arange(1, modes + 1, dtype=torch.float64)
@@ -111,7 +135,14 @@ def ring2d(modes: int = 8, radius: float = 1.0, std: float = 0.1) -> GaussianMix
 
 
 def gmm16(modes: int = 6, dim: int = 16, std: float = 0.1, seed: int = 0) -> GaussianMixture:
-    """A mixture in 16 dimensions with seeded random means (norm ≈ 1) and unequal weights."""
+    """A mixture in 16 dimensions with seeded random means (norm ≈ 1) and unequal weights.
+
+    Args:
+        modes: the number of modes. Default 6.
+        dim: the dimension. Default 16.
+        std: each mode's standard deviation. Default 0.1.
+        seed: seeds the means and weights. Default 0.
+    """
     g = torch.Generator().manual_seed(seed)
     means = torch.randn(modes, dim, generator=g, dtype=torch.float64)
     means = means / means.norm(dim=1, keepdim=True)
@@ -119,55 +150,5 @@ def gmm16(modes: int = 6, dim: int = 16, std: float = 0.1, seed: int = 0) -> Gau
     return GaussianMixture(means, torch.full((modes,), std, dtype=torch.float64), weights / weights.sum(), "gmm16")
 
 
-# ------------------------------------------------------------------------------------------------ metrics
-
-
-def sliced_w2(x: torch.Tensor, y: torch.Tensor, n_projections: int = 128, seed: int = 0) -> float:
-    """Sliced Wasserstein-2 distance between two sample sets (POT's estimator, fixed projections)."""
-    try:
-        import ot
-    except ImportError:
-        raise ImportError("the metrics need POT: pip install 'tcd-sampler[eval]'") from None
-    a, b = x.detach().double().cpu().numpy(), y.detach().double().cpu().numpy()
-    return float(ot.sliced_wasserstein_distance(a, b, n_projections=n_projections, p=2, seed=seed))
-
-
-def _nearest_mode(x: torch.Tensor, mixture: GaussianMixture) -> tuple[torch.Tensor, torch.Tensor]:
-    """Index of the nearest mode in std units, and that distance, per sample."""
-    dist = torch.cdist(x.double(), mixture.means) / mixture.stds[None, :]
-    best, index = dist.min(dim=1)
-    return index, best
-
-
-def mode_weight_tv(x: torch.Tensor, mixture: GaussianMixture) -> float:
-    """Total variation ``½ Σ_k |ŵ_k − w_k|`` between the generated mode weights (nearest mode) and the true ones."""
-    index, _ = _nearest_mode(x, mixture)
-    counts = torch.bincount(index, minlength=len(mixture.weights)).double()
-    return float(0.5 * (counts / counts.sum() - mixture.weights).abs().sum())
-
-
-def sharpness(x: torch.Tensor, mixture: GaussianMixture) -> float:
-    """Fraction of samples within the "3 σ" radius of some mode: the radius holding 99.73 % of a component's own
-    samples in ``d`` dimensions (3 in 1-D; √χ²_d(0.9973) in general). True data scores ≈ 0.997."""
-    from scipy.stats import chi2
-
-    radius = math.sqrt(chi2.ppf(math.erf(3 / math.sqrt(2)), mixture.dim))
-    _, best = _nearest_mode(x, mixture)
-    return float((best <= radius).double().mean())
-
-
-def evaluate(x: torch.Tensor, mixture: GaussianMixture, reference: torch.Tensor, seed: int = 0) -> dict[str, float]:
-    """The three metrics of ``x`` against ``mixture`` (``reference``: true samples for the sliced W2)."""
-    finite = torch.isfinite(x).all(dim=1)
-    x = x[finite]
-    return {
-        "sliced_w2": sliced_w2(x, reference, seed=seed) if len(x) else float("nan"),
-        "mode_tv": mode_weight_tv(x, mixture) if len(x) else float("nan"),
-        "sharpness": sharpness(x, mixture) if len(x) else 0.0,
-        "finite": float(finite.double().mean()),
-    }
-
-
-def as_numpy(x: torch.Tensor) -> np.ndarray:
-    """Float64 numpy copy (for plotting and JSON)."""
-    return x.detach().double().cpu().numpy()
+#: The teachers' data sets by name (``DistillConfig.data``, ``tcd-sampler distill --data``).
+DATASETS: dict[str, Callable[[], GaussianMixture]] = {"ring2d": ring2d, "gmm16": gmm16}

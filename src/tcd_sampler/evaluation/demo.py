@@ -1,6 +1,6 @@
 """The main job (``tcd-sampler demo`` / ``make demo``): TCD sampling of a real TCD-distilled model, measured.
 
-On the 2-D ring of :func:`tcd_sampler.toy.ring2d`, at NFE 1, 2, 4 and 8 from the same initial noise:
+On the 2-D ring of :func:`tcd_sampler.distill.teacher.ring2d`, at NFE 1, 2, 4 and 8 from the same initial noise:
 
 - the shipped TCD student with ``TCDScheduler`` at gamma 0, 0.3, 0.5 and 1;
 - the shipped LCM student with LCM sampling (``TCDScheduler(consistency_boundary=True)`` at eta 1, which is
@@ -23,15 +23,16 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ._files import atomic_paths, folder_problem
-from .distill import load_student
-from .schedulers.vp import TCDScheduler
-from .toy import GaussianMixture, as_numpy, evaluate, ring2d
+from .._files import atomic_paths, folder_problem
+from ..distill.student import load_student
+from ..distill.teacher import GaussianMixture, ring2d
+from ..schedulers.vp import TCDScheduler
+from .metrics import as_numpy, evaluate
 
 __all__ = ["ASSETS", "run_demo"]
 
-#: Where the shipped students live.
-ASSETS = Path(__file__).resolve().parent / "assets"
+#: Where the shipped students live (``tcd_sampler/assets``, shipped as package data).
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
 NFES = (1, 2, 4, 8)
 STEP_SEED_OFFSET = 1000
 GAMMAS = (0.0, 0.3, 0.5, 1.0)
