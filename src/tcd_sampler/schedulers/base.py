@@ -9,7 +9,7 @@ as Python numbers) and ``_compute``, the step's math on one row; its ``step`` va
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -17,7 +17,7 @@ import torch
 
 from ..core.checks import check_float_tensor, check_generator, check_int
 from ..core.step import draw_noise
-from ..core.table import StepRow, StepTable
+from ..core.table import StepTable
 from .configuring import ConfigurableScheduler
 
 logger = logging.getLogger("tcd_sampler")
@@ -130,17 +130,9 @@ class SchedulerBase(StepNoise, ConfigurableScheduler):
         """The dtype ``z`` is drawn in (the reference's: that of the step's inputs)."""
         return torch.promote_types(model_output.dtype, sample.dtype)
 
-    def _compute(
-        self,
-        model_output: torch.Tensor,
-        sample: torch.Tensor,
-        table: StepTable,
-        index: int,
-        row: StepRow,
-        noise: torch.Tensor | None,
-        return_dict: bool,
-    ) -> Any:  # pragma: no cover - every scheduler defines it
-        raise NotImplementedError
+    #: The step's math on one row, ``(model_output, sample, table, index, row, noise, return_dict) → output``:
+    #: each scheduler defines it.
+    _compute: Callable[..., Any]
 
     @property
     def step_index(self) -> int | None:
