@@ -47,7 +47,7 @@ def distill(config: DistillConfig, progress: bool = True, log_every: int = 50) -
     g = torch.Generator().manual_seed(config.seed)
     mixture = DATASETS[config.data]()
     acp = _schedule(config)
-    alpha, sigma = acp.sqrt(), (1 - acp).sqrt()
+    path = VPDiscrete(acp)  # the one path the noising, the teacher step and both consistency functions read
     teacher = mixture.vp_model(acp)
     student = Student(mixture.dim, config.hidden, config.depth, config.time_features, config.num_train_timesteps)
     T, k, B = config.num_train_timesteps, config.skip, config.batch_size
@@ -55,7 +55,8 @@ def distill(config: DistillConfig, progress: bool = True, log_every: int = 50) -
     def noised(t: torch.Tensor) -> torch.Tensor:
         x0 = mixture.sample(B, g)[0].float()
         eps = torch.randn(B, mixture.dim, generator=g)
-        return alpha[t, None] * x0 + sigma[t, None] * eps
+        alpha, sigma = path.alpha_sigma(t, torch.float32)
+        return alpha[:, None] * x0 + sigma[:, None] * eps
 
     # 1. warm start: ε̂_θ ≈ the teacher's exact ε at every timestep
     warm_losses: list[float] = []
@@ -73,7 +74,7 @@ def distill(config: DistillConfig, progress: bool = True, log_every: int = 50) -
     # 2. consistency distillation against the EMA target θ⁻
     ema = copy.deepcopy(student).requires_grad_(False)
     opt = torch.optim.Adam(student.parameters(), lr=config.lr)
-    f = ConsistencyFunction(VPDiscrete(acp), config.method, config.timestep_scaling)
+    f = ConsistencyFunction(path, config.method, config.timestep_scaling)
     points = T // k  # grid points k·i − 1, i = 1 … points
     losses: list[float] = []
     for step in trange(config.steps, disable=not progress, desc=f"{config.method} distillation"):
