@@ -141,3 +141,68 @@ def test_an_exact_edm_denoiser_recovers_the_data_at_every_sigma() -> None:
 
         got = EDM(sigma_data=SIGMA_DATA).denoiser(network)(x, torch.full((2,), sigma, dtype=torch.float64))
         torch.testing.assert_close(got, x0, rtol=1e-9, atol=1e-9)
+
+
+def test_the_former_names_keep_their_signatures() -> None:
+    """VPDiscretePath(betas, alphas_cumprod), alpha_sigma(dtype) and build_vp_table's (final, scaling) boundary."""
+    from tcd_sampler import TCDScheduler, VPDiscretePath, build_vp_table
+    from tcd_sampler.core.schedules import make_betas
+    from tcd_sampler.core.table import Boundary
+
+    betas = make_betas(1000, 0.00085, 0.012, "scaled_linear")
+    acp = torch.cumprod(1.0 - betas, dim=0)
+    old = VPDiscretePath(betas, acp)
+    assert torch.equal(old.alphas_cumprod, acp) and torch.equal(VPDiscretePath.from_betas(betas).alphas_cumprod, acp)
+    alpha, _ = old.alpha_sigma(torch.float32)
+    assert alpha.dtype == torch.float32 and alpha.shape == (1000,)
+    sched = TCDScheduler(consistency_boundary=True)
+    sched.set_timesteps(4)
+    t = [999, 759, 499, 259]
+    assert (
+        build_vp_table(acp, t, 1.0, (torch.tensor(1.0), 10.0)).rows == build_vp_table(acp, t, 1.0, Boundary(10.0)).rows
+    )
+    assert build_vp_table(acp, t, 1.0, (torch.tensor(1.0), 10.0)).rows == sched.step_table(1.0).rows
+
+
+def test_a_sampler_refuses_a_path_of_the_other_kind() -> None:
+    from tcd_sampler import DiscreteVPTime, RectifiedFlow, TCDScheduler, sample_tcd_rf
+
+    sigmas = karras_sigmas(3)
+    x = torch.zeros(1, 4, 2, 2)
+    with pytest.raises(ValueError, match="discrete path"):
+        sample_tcd(lambda y, s: y, x, sigmas, path=DiscreteVPTime(TCDScheduler().alphas_cumprod), disable=True)
+    with pytest.raises(ValueError, match="path of sample_tcd_rf"):
+        sample_tcd(lambda y, s: y, x, sigmas, path=RectifiedFlow(), disable=True)
+    with pytest.raises(ValueError, match="path of sample_tcd"):
+        sample_tcd_rf(lambda y, s: y, x, torch.tensor([1.0, 0.5, 0.0]), path=EDM(), disable=True)
+    with pytest.raises(TypeError, match=r"x must be a torch\.Tensor"):
+        sample_tcd(lambda y, s: y, [0.0], sigmas, path=EDM(), disable=True)  # type: ignore[arg-type]
+
+
+def test_the_edm_denoiser_does_not_overflow_in_half_precision() -> None:
+    """σ² at SVD's σ_max (700) overflows float16: the preconditioning is computed in float32."""
+    net = edm_network()
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    sigma = torch.tensor([700.0])
+    with torch.no_grad():
+        full = EDM(sigma_data=1.0).denoiser(net, "v_prediction")(x * 700, sigma)
+        half = EDM(sigma_data=1.0).denoiser(net.half(), "v_prediction")((x * 700).half(), sigma.half())
+    assert half.dtype == torch.float16 and torch.isfinite(half).all()
+    torch.testing.assert_close(half.float(), full, rtol=2e-2, atol=2e-2)
+
+
+def test_the_path_form_in_half_precision_computes_in_float32() -> None:
+    from tcd_sampler import TCDScheduler, VPDiscrete, consistency_jump
+
+    path = VPDiscrete(TCDScheduler().alphas_cumprod)
+    g = torch.Generator().manual_seed(0)
+    m, x = torch.randn(4, 8, generator=g), torch.randn(4, 8, generator=g)
+    t, s = torch.tensor([999, 759, 259, 19]), torch.tensor([531, 349, 13, 0])
+    full = consistency_jump(m, x, t, s, path)
+    half = consistency_jump(m.bfloat16(), x.bfloat16(), t, s, path)
+    assert half.dtype == torch.bfloat16
+    expected = consistency_jump(m.bfloat16().float(), x.bfloat16().float(), t, s, path).bfloat16()
+    assert torch.equal(half, expected)  # rounded once, from float32
+    torch.testing.assert_close(half.float(), full, rtol=2e-2, atol=5e-2)
+    with pytest.raises(ValueError, match=r"EDM\.denoiser"):
+        consistency_jump(m, x, t, s, path, "edm")

@@ -177,9 +177,19 @@ def sample_tcd_rf(
 
 def _loop_path(path: Path | None, time: TimeMap | None, x: torch.Tensor, default: type[VE | RectifiedFlow]) -> Path:
     """The path a sampler runs on: ``path``, else ``default`` in the time ``time`` with its maps called on ``x``'s
-    device."""
+    device. A path of the other sampler's family, or a discrete one, is an error naming what to pass instead."""
+    check_float_tensor("x", x)
     if path is None:
         return default(time=time, device=x.device)
     if time is not None:
         raise ValueError("pass time or path, not both: a path carries its TCD time")
+    if path.discrete:
+        raise ValueError(
+            f"{type(path).__name__} is a discrete path; a sampler in sigma space takes it as a time: "
+            f"path={default.__name__}(time=…) or time=…"
+        )
+    other = RectifiedFlow if default is VE else VE
+    if isinstance(path, other):
+        fn = "sample_tcd_rf" if other is RectifiedFlow else "sample_tcd"
+        raise ValueError(f"{type(path).__name__} is the path of {fn}, not of this sampler")
     return path

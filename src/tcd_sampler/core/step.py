@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from .paths import Path
+from .paths.base import working_dtype
 from .predictions import FLOW, prediction
 from .table import StepRow, boundary_scalings
 
@@ -43,11 +44,6 @@ __all__ = [
 
 #: Generator argument accepted by :func:`draw_noise`: one generator, one per batch item, or none.
 GeneratorLike = torch.Generator | Sequence[torch.Generator] | None
-
-
-def working_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The precision a step computes in: float32 for half-precision tensors, else the tensor's own."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def convert_output(
@@ -223,19 +219,25 @@ def consistency_jump(
         model_output: the network's output at ``(x_t, t)``.
         x_t: the noisy input.
         t, s: the current and the target time per sample, ``(B,)``, in the path's time.
-        path: the path (:mod:`tcd_sampler.core.paths`); discrete paths read their grid in ``x_t``'s precision.
+        path: the path (:mod:`tcd_sampler.core.paths`); discrete paths read their grid in the working precision
+            (float32 for half-precision inputs, which are computed in float32 and rounded once, as the sampler).
         prediction_type: what the network predicts. Default ``"epsilon"``.
         timestep_scaling: LCM's boundary condition at ``t`` with this ``k`` (:func:`boundary_scalings`); None
             (default) is plain TCD.
         clean_end: a target ``s = 0`` is the clean end ``α = 1, σ = 0`` (as a table built with
             :class:`~tcd_sampler.core.table.Boundary` ``clean_end``) instead of the path's time 0. Default False.
     """
-    if path.discrete:
-        (a_t, s_t), (a_s, s_s) = (path.alpha_sigma(v, dtype=x_t.dtype) for v in (t, s))  # type: ignore[call-arg]
+    if prediction_type == "edm":
+        raise ValueError("'edm' outputs are read on EDM's unit-variance path: wrap the network with EDM.denoiser")
+    work = working_dtype(torch.promote_types(model_output.dtype, x_t.dtype))
+    if path.discrete:  # the grid in the working precision (float32 for half-precision inputs), as the sampler
+        (a_t, s_t), (a_s, s_s) = (path.alpha_sigma(v, dtype=work) for v in (t, s))  # type: ignore[call-arg]
     else:
         (a_t, s_t), (a_s, s_s) = path.alpha_sigma(t), path.alpha_sigma(s)
     if clean_end:
         at_end = s == 0
         a_s, s_s = torch.where(at_end, torch.ones_like(a_s), a_s), torch.where(at_end, torch.zeros_like(s_s), s_s)
     boundary = None if timestep_scaling is None else boundary_scalings(t, timestep_scaling)
-    return consistency_function(model_output, x_t, a_t, s_t, a_s, s_s, prediction_type, boundary)
+    out_dtype = torch.promote_types(model_output.dtype, x_t.dtype)
+    m, x = model_output.to(work), x_t.to(work)
+    return consistency_function(m, x, a_t, s_t, a_s, s_s, prediction_type, boundary).to(out_dtype)

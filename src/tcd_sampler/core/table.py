@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -141,9 +142,13 @@ def build_vp_table(
     alphas_cumprod: torch.Tensor,
     timesteps: Sequence[int] | np.ndarray,
     gamma: float,
-    boundary: Boundary | None = None,
+    boundary: Boundary | tuple[Any, float] | None = None,
 ) -> StepTable:
     """:func:`build_table` on the discrete VP path of ``alphas_cumprod`` over integer ``timesteps`` (ending at 0),
-    in the precision of ``alphas_cumprod`` (float32 for diffusers' numbers, float64 for a reference)."""
+    in the precision of ``alphas_cumprod`` (float32 for diffusers' numbers, float64 for a reference). ``boundary``
+    also takes the former ``(final_alpha_cumprod, timestep_scaling)`` pair (a clean end where it is 1)."""
     times = [*np.asarray(timesteps, dtype=np.int64).tolist(), 0]
+    if isinstance(boundary, tuple):  # the former (final_alpha_cumprod, timestep_scaling) form
+        final, scaling = boundary
+        boundary = Boundary(float(scaling), clean_end=bool(float(final) == 1.0))
     return build_table(VPDiscrete(alphas_cumprod.detach().cpu()), times, gamma, boundary, alphas_cumprod.dtype)

@@ -161,8 +161,9 @@ class TCDScheduler(SchedulerBase, VPForwardProcess):
     # ---------------------------------------------------------------- schedule
 
     def _set_schedule(self, timesteps: np.ndarray, device: torch.device | str | None) -> None:
+        on_device = torch.from_numpy(np.asarray(timesteps, dtype=np.int64)).to(device)  # first: it may fail
         self._timesteps_host: tuple[int, ...] = tuple(np.asarray(timesteps, dtype=np.int64).tolist())
-        self._timesteps = torch.from_numpy(np.asarray(timesteps, dtype=np.int64)).to(device)
+        self._timesteps = on_device
         self._tables: dict[tuple[float, torch.dtype], StepTable] = {}
         self._requested: dict[tuple[float | None, torch.dtype], StepTable] = {}
         self._folded: dict[tuple[float, torch.dtype], tuple[LinearRow, ...]] = {}
