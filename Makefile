@@ -31,8 +31,8 @@ demo: $(VENV)/.eval
 	$(VENV)/bin/tcd-sampler demo --output-dir demo_out
 
 lint: $(VENV)/.dev
-	$(PY) -m ruff check src tests benchmarks
-	$(PY) -m ruff format --check src tests benchmarks
+	$(PY) -m ruff check src tests benchmarks __init__.py
+	$(PY) -m ruff format --check src tests benchmarks __init__.py
 	$(PY) -m mypy src
 
 test: lint

@@ -7,7 +7,8 @@ time object here has ``target_sigma(sigma_next, γ)``, which the sigma-space pat
 - :class:`GridTime`: a discrete model's grid of sigmas, ``t`` the (fractional) grid time of a sigma, interpolated in
   log σ as ComfyUI's ``ModelSamplingDiscrete.sigma`` does. On a grid point the target is TCD's ``⌊(1 − γ)·t'⌋`` in
   float32 (what ``TCDScheduler`` takes); between grid points ``(1 − γ)·t'`` itself, so γ = 0 is exactly the Euler
-  step on any sigmas. ``s = 0`` is the clean end (σ = 0), as every sigma-space sampler ends.
+  step on any sigmas. ``s = 0`` is the clean end (σ = 0), as every sigma-space sampler ends; a next sigma at the
+  grid's bottom (Karras schedules end there), where the grid has no time left, takes ``(1 − γ)·σ'``.
 - :class:`ClosedFormTime`: a time given by two functions (Stable Cascade's cosine time, ``atan σ`` of continuous
   v-models, the flow time ``σ/(1 + σ)`` of Cosmos' rectified flow in VE sigma).
 
@@ -69,25 +70,34 @@ class GridTime:
         self.snap = float(snap)
 
     def sigma_to_t(self, sigma: Any) -> np.ndarray:
-        """The grid time of each sigma (0 for σ = 0; clamped to the grid's ends beyond them)."""
+        """The grid time of each sigma: log-linear between grid points, linear from 0 at σ = 0 to the first grid
+        point below it, the last grid time above the grid."""
         sig = np.asarray(sigma, dtype=np.float64)
         t = np.interp(np.log(np.maximum(sig, 1e-300)), self.log_sigmas, self.times)
-        return np.where(sig > 0, t, 0.0)
+        below = self.times[0] * np.maximum(sig, 0.0) / self.sigmas[0]
+        return np.where(sig >= self.sigmas[0], t, below)
 
     def t_to_sigma(self, t: Any) -> np.ndarray:
-        """The sigma at grid times ``t`` (log-linear between grid points, clamped at the ends; 0 at time 0 only for a
-        grid that starts above it)."""
-        return np.exp(np.interp(np.asarray(t, dtype=np.float64), self.times, self.log_sigmas))
+        """The sigma at grid times ``t``: log-linear between grid points (ComfyUI's ``sigma(t)``), linear to 0 below
+        the first grid point, the last sigma above the grid."""
+        time = np.asarray(t, dtype=np.float64)
+        on = np.exp(np.interp(time, self.times, self.log_sigmas))
+        if self.times[0] <= 0:
+            return on
+        return np.where(time >= self.times[0], on, self.sigmas[0] * np.maximum(time, 0.0) / self.times[0])
 
     def target_sigma(self, sigma_next: np.ndarray, gamma: float) -> np.ndarray:
         """``σ_s`` of each step: ``⌊(1 − γ)·t'⌋`` (float32, as the reference) where ``t'`` is a grid point, else
-        ``(1 − γ)·t'``."""
-        t_next = self.sigma_to_t(sigma_next)
+        ``(1 − γ)·t'``; at or below the first grid point, where no grid time is left, ``(1 − γ)·σ'``."""
+        sig = np.asarray(sigma_next, dtype=np.float64)
+        t_next = self.sigma_to_t(sig)
         nearest = np.round(t_next)
-        on_grid = np.abs(t_next - nearest) <= self.snap
+        on_grid = (np.abs(t_next - nearest) <= self.snap) & (sig > self.sigmas[0] * (1 + 1e-6))
         floored = target_timesteps(np.where(on_grid, nearest, 0).astype(np.int64), gamma).astype(np.float64)
         s_time = np.where(on_grid, floored, (1.0 - gamma) * t_next)
-        return checked_target(sigma_next, s_time, np.where(on_grid, nearest, t_next), self.t_to_sigma)
+        s_sigma = checked_target(sig, s_time, np.where(on_grid, nearest, t_next), self.t_to_sigma)
+        bottom = (sig > 0) & (sig <= self.sigmas[0] * (1 + 1e-6))
+        return np.where(bottom, (1.0 - gamma) * sig, s_sigma)
 
 
 class ClosedFormTime:
