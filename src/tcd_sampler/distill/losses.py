@@ -25,7 +25,7 @@ import torch
 from ..core.paths import VPDiscrete
 from ..core.step import consistency_jump
 
-__all__ = ["METHODS", "ConsistencyFunction", "distillation_loss", "target_times"]
+__all__ = ["DISTANCES", "METHODS", "ConsistencyFunction", "distance", "distillation_loss", "guided", "target_times"]
 
 #: The distillation methods: TCD (jumps to ``t_m``) and LCM (jumps to the clean end, with the boundary condition).
 METHODS = ("tcd", "lcm")
@@ -95,6 +95,38 @@ class ConsistencyFunction:
             return consistency_jump(output, x, t, t_prev, self.path, self.prediction_type)
 
 
+#: The distances ``d(pred, target)`` of the loss: ``"l2_sum"`` (the squared error summed over a sample's entries,
+#: averaged over the batch: the 2-D demo's), ``"l2"`` (averaged over every entry: diffusers' LCM script's ``mse``) and
+#: ``"huber"`` (the pseudo-Huber ``√((pred − target)² + c²) − c`` averaged over every entry, LCM's default).
+DISTANCES = ("l2_sum", "l2", "huber")
+
+
+def distance(pred: torch.Tensor, target: torch.Tensor, kind: str = "l2_sum", huber_c: float = 0.001) -> torch.Tensor:
+    """The scalar distance ``d(pred, target)`` of kind ``kind`` (:data:`DISTANCES`; default ``"l2_sum"``), computed
+    in float32 at least; ``huber_c`` is the pseudo-Huber ``c`` (default 0.001, LCM's)."""
+    diff = pred.float() - target.float() if pred.dtype in (torch.float16, torch.bfloat16) else pred - target
+    if kind == "l2_sum":
+        return (diff**2).flatten(1).sum(1).mean()
+    if kind == "l2":
+        return (diff**2).mean()
+    if kind == "huber":
+        return (torch.sqrt(diff**2 + huber_c**2) - huber_c).mean()
+    raise ValueError(f"distance must be one of {DISTANCES}, got {kind!r}")
+
+
+def guided(conditional: Model, unconditional: Model, omega: torch.Tensor) -> Model:
+    """Classifier-free guidance of a teacher, ``m_u + ω·(m_c − m_u)`` with a guidance scale per sample ``omega``
+    ``(B,)`` (the paper samples ``ω ~ U[ω_min, ω_max]``): a model ``(x, t) → m`` for :meth:`ConsistencyFunction.
+    teacher_step`."""
+
+    def teacher(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        m_c, m_u = conditional(x, t), unconditional(x, t)
+        w = omega.to(m_c.dtype).reshape((-1,) + (1,) * (m_c.ndim - 1))
+        return m_u + w * (m_c - m_u)
+
+    return teacher
+
+
 def distillation_loss(
     f: ConsistencyFunction,
     student: Model,
@@ -104,23 +136,27 @@ def distillation_loss(
     t: torch.Tensor,
     t_n: torch.Tensor,
     t_m: torch.Tensor,
+    kind: str = "l2_sum",
+    huber_c: float = 0.001,
 ) -> torch.Tensor:
-    """The consistency distillation loss of one batch, ``mean_b ‖f_student(x, t → t_m) − f_target(x̂_{t_n}, t_n →
-    t_m)‖²`` with ``x̂_{t_n}`` the teacher's DDIM step from ``(x, t)``; gradients reach only ``student``.
+    """The consistency distillation loss of one batch, ``d(f_student(x, t → t_m), f_target(x̂_{t_n}, t_n → t_m))``
+    with ``x̂_{t_n}`` the teacher's DDIM step from ``(x, t)``; gradients reach only ``student``.
 
     Args:
         f: the consistency function (schedule, method, prediction type).
         student: the network being trained, ``student(x, t)``.
-        target_model: the target network ``θ⁻`` (the EMA of the student), evaluated without gradients.
-        teacher: the teacher network.
+        target_model: the target network ``θ⁻`` (the EMA of the student, or the student itself), without gradients.
+        teacher: the teacher network (with guidance: :func:`guided`).
         x: the noisy input at ``t = t_{n+k}``, ``(B, …)``.
         t: its integer timesteps ``t_{n+k}``, ``(B,)``.
         t_n: the grid points one skip earlier, ``(B,)``.
         t_m: the target timesteps (:func:`target_times`), ``(B,)``; unused by LCM.
+        kind: the distance (:data:`DISTANCES`). Default ``"l2_sum"``.
+        huber_c: the pseudo-Huber ``c``. Default 0.001.
 
     Returns the scalar loss.
     """
     x_n = f.teacher_step(teacher, x, t, t_n)
     with torch.no_grad():
         target = f(target_model, x_n, t_n, t_m)
-    return ((f(student, x, t, t_m) - target) ** 2).flatten(1).sum(1).mean()
+    return distance(f(student, x, t, t_m), target, kind, huber_c)
