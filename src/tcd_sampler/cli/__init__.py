@@ -39,6 +39,7 @@ from .arguments import (
     unit_float,
 )
 from .commands import _cmd_demo, _cmd_distill, _cmd_generate, _cmd_schedule
+from .train import add_train_parser
 
 __all__ = ["build_parser", "main", "version"]
 
@@ -53,6 +54,7 @@ commands:
   schedule  print TCD schedules: timesteps, targets s and step coefficients for a gamma
   generate  generate an image with a diffusers model and TCD sampling (text-to-image, img2img, inpainting)
   distill   distill a student from the exact toy teacher with TCD (or LCM)
+  train     distill a diffusers pipeline's UNet with TCD (or LCM), LoRA or full, on accelerate
   demo      the main job: TCD vs LCM vs the teacher on a toy model at 1-8 NFE, measured
 
 Run `tcd-sampler COMMAND --help` for a command's options. Errors: exit code 2 and one line on stderr."""
@@ -141,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--output", required=True, help="folder for student.safetensors and card.json (created if missing)"
     )
     dist.set_defaults(func=_cmd_distill)
+
+    add_train_parser(sub)
 
     demo = sub.add_parser("demo", description="the main job: TCD vs LCM vs the teacher on a toy model, measured")
     demo.add_argument(

@@ -49,11 +49,12 @@ class Conditioning:
 def network(unet: Any, cond: Conditioning) -> Model:
     """The model ``(x_t, t) → m`` of a diffusers UNet under ``cond`` (its ``.sample`` output, in ``x_t``'s dtype's
     working precision as the UNet returns it)."""
-    params = inspect.signature(unet.forward).parameters
+    inner = getattr(unet, "module", unet)  # a DistributedDataParallel wrapper forwards to its module
+    params = inspect.signature(inner.forward).parameters
     kwargs: dict[str, Any] = {}
     if "encoder_hidden_states" in params:
         if cond.encoder_hidden_states is None:
-            raise ValueError(f"{type(unet).__name__} needs encoder_hidden_states (text embeddings) in its conditioning")
+            raise ValueError(f"{type(inner).__name__} needs encoder_hidden_states (text embeddings) in its conditioning")
         kwargs["encoder_hidden_states"] = cond.encoder_hidden_states
         if cond.added_cond_kwargs:
             kwargs["added_cond_kwargs"] = cond.added_cond_kwargs

@@ -1,0 +1,61 @@
+"""``tcd-sampler train``: TCD (or LCM) distillation of a diffusers pipeline's UNet (:mod:`tcd_sampler.distill.train`).
+Run it under ``accelerate launch`` for several processes; every argument is checked before a model loads."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from .arguments import guidance, multiple_of_8, non_negative_int, positive_int, seed, unit_float
+
+__all__ = ["add_train_parser"]
+
+
+def add_train_parser(sub: Any) -> None:
+    """Add the ``train`` command to the subcommand parsers ``sub``."""
+    p = sub.add_parser(
+        "train",
+        description="distill a diffusers text-to-image pipeline's UNet with TCD (or LCM), LoRA or full; run it under "
+        "`accelerate launch` for several processes or GPUs",
+    )
+    p.add_argument("--teacher", required=True, help="the teacher pipeline: a local folder or a Hub id")
+    p.add_argument("--data", required=True, help="an image folder with caption files, or with a metadata.jsonl")
+    p.add_argument("--output", required=True, help="the run's folder: checkpoints/, card.json (created if missing)")
+    p.add_argument("--method", choices=["tcd", "lcm"], default="tcd", help="distillation method (default tcd)")
+    p.add_argument("--lora-rank", type=non_negative_int, default=64, help="LoRA rank; 0 trains the full UNet (64)")
+    p.add_argument("--lora-alpha", type=positive_int, help="LoRA alpha (default: the rank)")
+    p.add_argument("--resolution", type=multiple_of_8, default=512, help="training image side (default 512)")
+    p.add_argument("--batch-size", type=positive_int, default=4, help="global batch, split across processes (4)")
+    p.add_argument("--steps", type=positive_int, default=1000, help="optimizer steps (default 1000)")
+    p.add_argument("--lr", type=unit_float, default=1e-4, help="learning rate in (0, 1] (default 1e-4)")
+    p.add_argument("--guidance-min", type=guidance, default=3.0, help="smallest guidance scale ω (default 3)")
+    p.add_argument("--guidance-max", type=guidance, default=15.0, help="largest guidance scale ω (default 15)")
+    p.add_argument("--loss", choices=["huber", "l2"], default="huber", help="the distance d (default huber)")
+    p.add_argument("--ema-decay", type=unit_float, default=0.95, help="EMA of a full student's target (0.95)")
+    p.add_argument("--checkpoint-every", type=non_negative_int, default=500, help="steps between checkpoints (500)")
+    p.add_argument("--resume", help="'latest' or a checkpoint folder to resume from")
+    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no", help="(default no)")
+    p.add_argument("--caption-dropout", type=unit_float, default=0.1, help="empty-caption rate for CFG (0.1)")
+    p.add_argument("--seed", type=seed, default=0, help="seed of the data order and every draw (default 0)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_train)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from ..distill.data import DataOptions
+    from ..distill.objective import Objective
+    from ..distill.train import TrainConfig, train
+
+    objective = Objective(method=args.method, guidance_min=args.guidance_min, guidance_max=args.guidance_max,
+                          distance=args.loss)  # fmt: skip
+    config = TrainConfig(
+        teacher=args.teacher, data=args.data, output=args.output, objective=objective, lora_rank=args.lora_rank,
+        lora_alpha=args.lora_alpha, resolution=args.resolution, batch_size=args.batch_size, steps=args.steps,
+        lr=args.lr, ema_decay=args.ema_decay, checkpoint_every=args.checkpoint_every, resume=args.resume,
+        mixed_precision=args.mixed_precision, seed=args.seed,
+        data_options=DataOptions(resolution=args.resolution, caption_dropout=args.caption_dropout, seed=args.seed),
+    )  # fmt: skip
+    card = train(config, progress=not args.no_progress)
+    if card["losses"]:
+        print(f"trained {card['steps']} steps on {card['processes']} process(es); final loss {card['losses'][-1]:.5g}")
+    return 0

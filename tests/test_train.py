@@ -1,0 +1,175 @@
+"""The trainer on tiny local teachers: a run lowers nothing it should not and writes its card; two gloo processes
+through `accelerate launch` end with the weights of one process with the whole batch; a run killed between
+checkpoints and resumed ends bit-identical to an uninterrupted one; an incompatible checkpoint is a clear error."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import tiny_pipelines
+from tcd_sampler.distill.data import DataOptions
+from tcd_sampler.distill.objective import Objective
+from tcd_sampler.distill.train import TrainConfig, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def teacher(tmp: Path, sdxl: bool = False) -> str:
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    pipe = (tiny_pipelines.sdxl if sdxl else tiny_pipelines.sd)(scheduler)
+    folder = tmp / ("sdxl" if sdxl else "sd")
+    pipe.save_pretrained(folder)
+    return str(folder)
+
+
+def images(tmp: Path, n: int = 8) -> str:
+    from PIL import Image
+
+    folder = tmp / "images"
+    folder.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i in range(n):
+        pixels = (torch.rand(40, 48, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(f"a picture number {i}")
+    return str(folder)
+
+
+def config(tmp: Path, teacher_dir: str, data: str, **kw: Any) -> TrainConfig:
+    base: dict[str, Any] = {"teacher": teacher_dir, "data": data, "output": str(tmp / "run"), "lora_rank": 4,
+                            "resolution": 32, "batch_size": 4, "steps": 3, "lr": 1e-3, "checkpoint_every": 0,
+                            "objective": Objective(guidance_min=2.0, guidance_max=4.0),
+                            "data_options": DataOptions(min_size=16)}  # fmt: skip
+    return TrainConfig(**{**base, **kw})
+
+
+def weights(output: str) -> dict[str, torch.Tensor]:
+    last = sorted((Path(output) / "checkpoints").glob("step-*"))[-1]
+    return torch.load(last / "state.pt", map_location="cpu", weights_only=False)["student"]
+
+
+@pytest.mark.parametrize("sdxl", [False, True])
+@pytest.mark.parametrize("lora_rank", [4, 0])
+def test_a_run_writes_its_card_and_checkpoint(tmp_path: Path, sdxl: bool, lora_rank: int) -> None:
+    cfg = config(tmp_path, teacher(tmp_path, sdxl), images(tmp_path), lora_rank=lora_rank)
+    card = train(cfg, progress=False)
+    assert card["processes"] == 1 and len(card["losses"]) == 3 and all(loss > 0 for loss in card["losses"])
+    assert json.loads((Path(cfg.output) / "card.json").read_text())["steps"] == 3
+    saved = weights(cfg.output)
+    assert saved and (all("lora" in k for k in saved) if lora_rank else not any("lora" in k for k in saved))
+
+
+def cli_args(cfg: TrainConfig) -> list[str]:
+    return ["train", "--teacher", cfg.teacher, "--data", cfg.data, "--output", cfg.output, "--lora-rank",
+            str(cfg.lora_rank), "--resolution", str(cfg.resolution), "--batch-size", str(cfg.batch_size), "--steps",
+            str(cfg.steps), "--lr", str(cfg.lr), "--checkpoint-every", str(cfg.checkpoint_every), "--guidance-min",
+            "2", "--guidance-max", "4", "--caption-dropout", "0", "--no-progress"]  # fmt: skip
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.slow
+def test_two_processes_end_with_the_weights_of_one(tmp_path: Path) -> None:
+    """`accelerate launch` with two gloo processes on the CPU, half the batch each, ends where one process with the
+    whole batch ends (within 1e-5), and the card says two processes ran."""
+    t, data = teacher(tmp_path), images(tmp_path)
+    one = config(tmp_path, t, data, output=str(tmp_path / "one"), steps=3)
+    train(
+        TrainConfig(**{**one.__dict__, "data_options": DataOptions(min_size=16, caption_dropout=0.0)}), progress=False
+    )
+    two = config(tmp_path, t, data, output=str(tmp_path / "two"), steps=3)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(free_port()), "-m", "tcd_sampler.cli", *cli_args(two)]  # fmt: skip
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((Path(two.output) / "card.json").read_text())["processes"] == 2
+    a, b = weights(one.output), weights(two.output)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
+
+
+KILLER = """
+import os, signal, sys
+import tcd_sampler.distill.train as train_module
+from tcd_sampler.cli import main
+calls = {"n": 0}
+real = train_module.{target}
+def wrapped(*args, **kwargs):
+    calls["n"] += 1
+    if calls["n"] == {at}:
+        {action}
+    return real(*args, **kwargs)
+train_module.{target} = wrapped
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def run_killed(cfg: TrainConfig, target: str, at: int, action: str) -> subprocess.CompletedProcess[str]:
+    """The CLI in a subprocess with ``train_module.<target>`` wrapped to run ``action`` at its ``at``-th call."""
+    script = KILLER.replace("{target}", target).replace("{at}", str(at)).replace("{action}", action)
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    args = cli_args(cfg) + (["--resume", cfg.resume] if cfg.resume else [])
+    return subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_bit_identical(tmp_path: Path) -> None:
+    """SIGKILL in step 6 (checkpoints every 2 steps), then --resume latest: the same weights, to the bit, as a run
+    that was never interrupted; a kill while a checkpoint is written leaves no half-written checkpoint behind."""
+    t, data = teacher(tmp_path), images(tmp_path)
+    whole = config(tmp_path, t, data, output=str(tmp_path / "whole"), steps=8, checkpoint_every=2)
+    assert run_killed(whole, "batch_loss", 10**9, "pass").returncode == 0
+    cut = config(tmp_path, t, data, output=str(tmp_path / "cut"), steps=8, checkpoint_every=2)
+    killed = run_killed(cut, "batch_loss", 6, "os.kill(os.getpid(), signal.SIGKILL)")
+    assert killed.returncode == -signal.SIGKILL
+    assert [p.name for p in sorted((Path(cut.output) / "checkpoints").glob("step-*"))][-1] == "step-00000004"
+    assert not (Path(cut.output) / "card.json").exists()
+    # resumed, then killed halfway through writing the checkpoint of step 6: that checkpoint never appears
+    half = 'open(args[1], "wb").write(b"half a checkpoint"); os.kill(os.getpid(), signal.SIGKILL)'
+    again = run_killed(TrainConfig(**{**cut.__dict__, "resume": "latest"}), "torch.save", 1, half)
+    assert again.returncode == -signal.SIGKILL
+    complete = sorted((Path(cut.output) / "checkpoints").glob("step-*"))
+    assert [p.name for p in complete][-1] == "step-00000004" and all(
+        (p / "checkpoint.json").is_file() for p in complete
+    )
+    from tcd_sampler.cli import main
+
+    assert main([*cli_args(cut), "--resume", "latest"]) == 0
+    a, b = weights(whole.output), weights(cut.output)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (
+        json.loads((Path(cut.output) / "card.json").read_text())["losses"]
+        == json.loads((Path(whole.output) / "card.json").read_text())["losses"]
+    )
+
+
+def test_resuming_another_runs_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
+    t, data = teacher(tmp_path), images(tmp_path)
+    cfg = config(tmp_path, t, data, steps=2, checkpoint_every=1)
+    train(cfg, progress=False)
+    other = TrainConfig(**{**cfg.__dict__, "lora_rank": 8, "resume": "latest"})
+    with pytest.raises(ValueError, match=r"from another run.*lora_rank"):
+        train(other, progress=False)
+    with pytest.raises(ValueError, match="not a checkpoint folder"):
+        train(TrainConfig(**{**cfg.__dict__, "resume": str(tmp_path)}), progress=False)
