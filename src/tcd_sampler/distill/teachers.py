@@ -54,7 +54,7 @@ def network(unet: Any, cond: Conditioning) -> Model:
     kwargs: dict[str, Any] = {}
     if "encoder_hidden_states" in params:
         if cond.encoder_hidden_states is None:
-            raise ValueError(f"{type(inner).__name__} needs encoder_hidden_states (text embeddings) in its conditioning")
+            raise ValueError(f"{type(inner).__name__} needs encoder_hidden_states (text embeddings) to be conditioned")
         kwargs["encoder_hidden_states"] = cond.encoder_hidden_states
         if cond.added_cond_kwargs:
             kwargs["added_cond_kwargs"] = cond.added_cond_kwargs
