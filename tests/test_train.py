@@ -68,6 +68,21 @@ def test_a_run_writes_its_card_and_checkpoint(tmp_path: Path, sdxl: bool, lora_r
     assert json.loads((Path(cfg.output) / "card.json").read_text())["steps"] == 3
     saved = weights(cfg.output)
     assert saved and (all("lora" in k for k in saved) if lora_rank else not any("lora" in k for k in saved))
+    # the result samples with nothing but the card: the LoRA (or the full UNet) in the teacher's pipeline
+    from diffusers import DiffusionPipeline, UNet2DConditionModel
+
+    from tcd_sampler.distill.export import scheduler_from_card
+
+    pipe = DiffusionPipeline.from_pretrained(cfg.teacher)
+    if lora_rank:
+        pipe.load_lora_weights(cfg.output)
+    else:
+        pipe.unet = UNet2DConditionModel.from_pretrained(Path(cfg.output) / "unet")
+    pipe.scheduler = scheduler_from_card(cfg.output)
+    assert pipe.scheduler.config.original_inference_steps == 50
+    image = pipe("a picture", num_inference_steps=2, guidance_scale=1.0, output_type="pt",
+                 generator=torch.Generator().manual_seed(0)).images  # fmt: skip
+    assert torch.isfinite(image).all()
 
 
 def cli_args(cfg: TrainConfig) -> list[str]:

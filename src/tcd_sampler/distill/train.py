@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from ..core.checks import check_choice, check_int, check_number
 from .data import DataOptions, ImageCaptionDataset, collate
+from .export import save_full_student, save_lora, scheduler_settings, write_card
 from .objective import Objective, batch_loss, draw
 from .teachers import Conditioning, teacher_path
 
@@ -230,8 +231,31 @@ def _resume(run: _Run, accelerator: Any, config: TrainConfig) -> tuple[int, list
     return int(state["step"]), list(state["losses"])
 
 
+def _card(config: TrainConfig, teacher_config: Any, T: int, world: int, losses: list[float], prediction: str) -> Any:
+    """The run's card: its configuration, processes, losses, and how to sample the student (TCD at γ = 0.3 on the
+    distillation grid; an LCM student in the consistency-boundary mode at η = 1)."""
+    extra: dict[str, Any] = {}
+    if config.objective.method == "lcm":
+        extra = {"consistency_boundary": True, "timestep_scaling": config.objective.timestep_scaling}
+    scheduler = scheduler_settings(
+        teacher_config, eta=1.0 if extra else 0.3, original_inference_steps=T // config.objective.skip, **extra
+    )
+    return {"config": json.loads(json.dumps(asdict(config), default=str)), "steps": config.steps, "processes": world,
+            "losses": losses, "prediction_type": prediction, "scheduler": scheduler}  # fmt: skip
+
+
+def _save_student(student: Any, run: _Run, config: TrainConfig) -> None:
+    """The usable result in ``config.output``: the LoRA (diffusers' and ComfyUI's formats), or the full student's
+    EMA target as a diffusers model folder (``unet/``)."""
+    if config.lora_rank:
+        save_lora(student, config.output)
+    else:
+        save_full_student(run.target, Path(config.output) / "unet")
+
+
 def train(config: TrainConfig, progress: bool = True) -> dict[str, Any]:
-    """Run ``config``; returns the card (also written as ``card.json``). See the module docstring."""
+    """Run ``config``; returns the card (also written as ``card.json``, beside the LoRA or the ``unet/`` folder).
+    See the module docstring."""
     from accelerate import Accelerator
 
     dataset = ImageCaptionDataset(config.data, config.data_options)  # scanned before any model loads
@@ -277,14 +301,9 @@ def train(config: TrainConfig, progress: bool = True) -> dict[str, Any]:
         if (config.checkpoint_every and done % config.checkpoint_every == 0) or done == config.steps:
             _checkpoint(run, accelerator, config, done, losses)
             accelerator.wait_for_everyone()
-    card = {"config": json.loads(json.dumps(asdict(config), default=str)), "steps": config.steps,
-            "processes": world, "losses": losses, "prediction_type": prediction_type,
-            "scheduler": {"class": "TCDScheduler", "config": dict(pipe.scheduler.config)}}  # fmt: skip
+    card = _card(config, pipe.scheduler.config, T, world, losses, prediction_type)
     if accelerator.is_main_process:
-        out = Path(config.output)
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = out / f".card-{os.getpid()}.json"
-        tmp.write_text(json.dumps(card, indent=2, default=str))
-        os.replace(tmp, out / "card.json")
+        _save_student(accelerator.unwrap_model(student), run, config)
+        write_card(config.output, card)
     accelerator.wait_for_everyone()
     return card
