@@ -188,3 +188,34 @@ def test_resuming_another_runs_checkpoint_is_a_clear_error(tmp_path: Path) -> No
         train(other, progress=False)
     with pytest.raises(ValueError, match="not a checkpoint folder"):
         train(TrainConfig(**{**cfg.__dict__, "resume": str(tmp_path)}), progress=False)
+
+
+def test_bad_arguments_and_bad_data_stop_before_a_model_loads(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Exit 2 and one line on stderr, before the teacher pipeline is loaded."""
+    import tcd_sampler.distill.train as train_module
+    from tcd_sampler.cli import main
+
+    def no_loading(teacher: str) -> Any:
+        raise AssertionError("the teacher was loaded")
+
+    monkeypatch.setattr(train_module, "_pipeline", no_loading)
+    data, pipeline = images(tmp_path), teacher(tmp_path)
+    (tmp_path / "empty").mkdir()
+    not_a_pipeline = tmp_path / "not-a-pipeline"
+    not_a_pipeline.mkdir()
+    base = ["train", "--teacher", pipeline, "--output", str(tmp_path / "out"), "--no-progress"]
+    capsys.readouterr()  # what building the tiny teacher printed
+    cases = [
+        ([*base, "--data", data, "--batch-size", "0"], "--batch-size"),
+        ([*base, "--data", data, "--guidance-min", "5", "--guidance-max", "2"], "guidance_max"),
+        ([*base, "--data", data, "--resolution", "30"], "multiple of 8"),
+        ([*base, "--data", str(tmp_path / "missing")], "does not exist"),
+        ([*base, "--data", str(tmp_path / "empty")], "no samples found"),
+        ([*base, "--data", data, "--teacher", str(not_a_pipeline)], "not a diffusers pipeline folder"),
+    ]
+    for argv, needle in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and needle in err, (argv, err)

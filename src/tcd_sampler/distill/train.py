@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..core.checks import check_choice, check_int, check_number
+from ..schedulers.config_file import looks_local
 from .data import DataOptions, ImageCaptionDataset, collate
 from .export import save_full_student, save_lora, scheduler_settings, write_card
 from .objective import Objective, batch_loss, draw
@@ -258,6 +259,9 @@ def train(config: TrainConfig, progress: bool = True) -> dict[str, Any]:
     See the module docstring."""
     from accelerate import Accelerator
 
+    teacher = Path(config.teacher).expanduser()
+    if (looks_local(config.teacher) or teacher.exists()) and not (teacher / "model_index.json").is_file():
+        raise ValueError(f"teacher {config.teacher} is not a diffusers pipeline folder (no model_index.json)")
     dataset = ImageCaptionDataset(config.data, config.data_options)  # scanned before any model loads
     accelerator = Accelerator(mixed_precision=config.mixed_precision)
     world, rank = accelerator.num_processes, accelerator.process_index
