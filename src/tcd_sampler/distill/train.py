@@ -14,97 +14,25 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from ..core.checks import check_choice, check_int, check_number
 from ..schedulers.config_file import looks_local
-from .data import DataOptions, ImageCaptionDataset, collate
+from .checkpoints import load_checkpoint, save_checkpoint
+from .data import ImageCaptionDataset, collate
 from .export import save_full_student, save_lora, scheduler_settings, write_card
-from .objective import Objective, batch_loss, draw
+from .objective import batch_loss, draw
 from .teachers import Conditioning, teacher_path
+from .train_config import TrainConfig
 
 __all__ = ["TrainConfig", "train"]
 
-CHECKPOINTS = "checkpoints"
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """One training run. Invalid values raise a ValueError naming the parameter on construction.
-
-    Attributes:
-        teacher: the teacher pipeline's folder or Hub id (a diffusers text-to-image pipeline with a UNet).
-        data: the image folder (captions beside the images, or a ``metadata.jsonl``).
-        output: the run's folder (checkpoints, the student, the card).
-        objective: the loss (method, skip, guidance range, distance). Default ``Objective()`` (TCD, huber).
-        lora_rank: the LoRA rank; 0 trains the full UNet. Default 64 (LCM-LoRA's).
-        lora_alpha: the LoRA alpha. Default None: the rank.
-        resolution: the image side the data is cropped to. Default 512.
-        batch_size: the global batch (split evenly across processes). Default 4.
-        steps: optimizer steps. Default 1000.
-        lr: AdamW's learning rate. Default 1e-4 (LoRA; use 1e-6 for a full student).
-        ema_decay: ``μ`` of the full student's EMA target ``θ⁻ ← μ·θ⁻ + (1 − μ)·θ``; a LoRA student is its own
-            target (LCM-LoRA's recipe). Default 0.95.
-        checkpoint_every: write a checkpoint every this many steps (0: only at the end). Default 500.
-        resume: None (default), ``"latest"`` or a checkpoint folder.
-        mixed_precision: ``"no"`` (default), ``"fp16"`` or ``"bf16"`` (accelerate's).
-        max_grad_norm: clip the gradient norm to this (0: no clipping). Default 1.0 (LCM's).
-        seed: seeds the data order, the draws and the LoRA's initialisation. Default 0.
-        data_options: how images are cropped and bad data handled (its resolution is replaced by ``resolution``).
-    """
-
-    teacher: str
-    data: str
-    output: str
-    objective: Objective = field(default_factory=Objective)
-    lora_rank: int = 64
-    lora_alpha: int | None = None
-    resolution: int = 512
-    batch_size: int = 4
-    steps: int = 1000
-    lr: float = 1e-4
-    ema_decay: float = 0.95
-    checkpoint_every: int = 500
-    resume: str | None = None
-    mixed_precision: str = "no"
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    data_options: DataOptions = field(default_factory=DataOptions)
-
-    def __post_init__(self) -> None:
-        for name in ("teacher", "data", "output"):
-            if not isinstance(getattr(self, name), str) or not getattr(self, name):
-                raise ValueError(f"{name} must be a non-empty path or id")
-        check_int("lora_rank", self.lora_rank, 0)
-        if self.lora_alpha is not None:
-            check_int("lora_alpha", self.lora_alpha, 1)
-        check_int("batch_size", self.batch_size, 1)
-        check_int("steps", self.steps, 1)
-        check_number("lr", self.lr, 0.0, 1.0, low_open=True)
-        check_number("ema_decay", self.ema_decay, 0.0, 1.0)
-        check_int("checkpoint_every", self.checkpoint_every, 0)
-        check_choice("mixed_precision", self.mixed_precision, ("no", "fp16", "bf16"))
-        check_number("max_grad_norm", self.max_grad_norm, 0.0, float("inf"))
-        check_int("seed", self.seed, 0)
-        object.__setattr__(self, "data_options", _with_resolution(self.data_options, self.resolution))
-
-    def fingerprint(self) -> dict[str, Any]:
-        """What a checkpoint must share with the run that resumes it."""
-        return {"teacher": self.teacher, "objective": asdict(self.objective), "lora_rank": self.lora_rank,
-                "lora_alpha": self.lora_alpha, "batch_size": self.batch_size, "seed": self.seed}  # fmt: skip
-
-
-def _with_resolution(options: DataOptions, resolution: int) -> DataOptions:
-    return DataOptions(**{**asdict(options), "resolution": resolution})
 
 
 @dataclass
@@ -179,59 +107,6 @@ def _order(n: int, step: int, batch: int, seed: int) -> list[int]:
     return out
 
 
-def _checkpoint(run: _Run, accelerator: Any, config: TrainConfig, step: int, losses: list[float]) -> None:
-    """Write the state after ``step`` steps to ``checkpoints/step-<step>`` (a temporary folder, renamed)."""
-    if not accelerator.is_main_process:
-        return
-    root = Path(config.output) / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
-    final, tmp = root / f"step-{step:08d}", root / f".tmp-step-{step:08d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    student = accelerator.unwrap_model(run.student)
-    state = {"student": {n: p.detach().cpu() for n, p in student.named_parameters() if p.requires_grad},
-             "optimizer": run.optimizer.state_dict(), "step": step, "losses": losses}  # fmt: skip
-    if run.target is not run.student:
-        state["target"] = {k: v.detach().cpu() for k, v in run.target.state_dict().items()}
-    torch.save(state, tmp / "state.pt")
-    (tmp / "checkpoint.json").write_text(json.dumps({"step": step, **config.fingerprint()}, indent=2))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-
-
-def _resume(run: _Run, accelerator: Any, config: TrainConfig) -> tuple[int, list[float]]:
-    """Load the checkpoint ``config.resume`` names; ValueError where it is missing or from another run."""
-    if config.resume is None:
-        return 0, []
-    root = Path(config.output) / CHECKPOINTS
-    if config.resume == "latest":
-        found = sorted(root.glob("step-*")) if root.is_dir() else []
-        if not found:
-            return 0, []  # nothing written yet: start from the beginning
-        folder = found[-1]
-    else:
-        folder = Path(config.resume)
-    meta_path = folder / "checkpoint.json"
-    if not meta_path.is_file():
-        raise ValueError(f"resume: {folder} is not a checkpoint folder (no checkpoint.json)")
-    meta = json.loads(meta_path.read_text())
-    expected = json.loads(json.dumps(config.fingerprint()))
-    changed = sorted(k for k in expected if meta.get(k) != expected[k])
-    if changed:
-        raise ValueError(f"resume: checkpoint {folder} is from another run (its {', '.join(changed)} differ)")
-    state = torch.load(folder / "state.pt", map_location="cpu", weights_only=False)
-    student = accelerator.unwrap_model(run.student)
-    params = dict(student.named_parameters())
-    with torch.no_grad():
-        for name, value in state["student"].items():
-            params[name].copy_(value)
-        if "target" in state:
-            run.target.load_state_dict(state["target"])
-    run.optimizer.load_state_dict(state["optimizer"])
-    return int(state["step"]), list(state["losses"])
-
-
 def _card(config: TrainConfig, teacher_config: Any, T: int, world: int, losses: list[float], prediction: str) -> Any:
     """The run's card: its configuration, processes, losses, and how to sample the student (TCD at γ = 0.3 on the
     distillation grid; an LCM student in the consistency-boundary mode at η = 1)."""
@@ -271,7 +146,8 @@ def train(config: TrainConfig, progress: bool = True) -> dict[str, Any]:
     pipe = _pipeline(config.teacher)
     path, prediction_type = teacher_path(pipe.scheduler.config)
     run = _models(config, pipe)
-    start, losses = _resume(run, accelerator, config)
+    own_target = run.target is run.student
+    start, losses = load_checkpoint(run.student, None if own_target else run.target, run.optimizer, config)
     student, optimizer = accelerator.prepare(run.student, run.optimizer)
     run.student, run.optimizer = student, optimizer
     T = int(path.num_train_timesteps)
@@ -303,7 +179,9 @@ def train(config: TrainConfig, progress: bool = True) -> dict[str, Any]:
         bar.set_postfix(loss=f"{mean_loss:.4g}", it_s=f"{(step + 1 - start) / (time.perf_counter() - began):.2f}")
         done = step + 1
         if (config.checkpoint_every and done % config.checkpoint_every == 0) or done == config.steps:
-            _checkpoint(run, accelerator, config, done, losses)
+            if accelerator.is_main_process:
+                unwrapped = accelerator.unwrap_model(student)
+                save_checkpoint(unwrapped, None if own_target else run.target, optimizer, config, done, losses)
             accelerator.wait_for_everyone()
     card = _card(config, pipe.scheduler.config, T, world, losses, prediction_type)
     if accelerator.is_main_process:

@@ -1,0 +1,82 @@
+"""The settings of a real-model training run (:class:`TrainConfig`), checked on construction, before any model loads."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ..core.checks import check_choice, check_int, check_number
+from .data import DataOptions
+from .objective import Objective
+
+__all__ = ["TrainConfig"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run. Invalid values raise a ValueError naming the parameter on construction.
+
+    Attributes:
+        teacher: the teacher pipeline's folder or Hub id (a diffusers text-to-image pipeline with a UNet).
+        data: the image folder (captions beside the images, or a ``metadata.jsonl``).
+        output: the run's folder (checkpoints, the student, the card).
+        objective: the loss (method, skip, guidance range, distance). Default ``Objective()`` (TCD, huber).
+        lora_rank: the LoRA rank; 0 trains the full UNet. Default 64 (LCM-LoRA's).
+        lora_alpha: the LoRA alpha. Default None: the rank.
+        resolution: the image side the data is cropped to. Default 512.
+        batch_size: the global batch (split evenly across processes). Default 4.
+        steps: optimizer steps. Default 1000.
+        lr: AdamW's learning rate. Default 1e-4 (LoRA; use 1e-6 for a full student).
+        ema_decay: ``μ`` of the full student's EMA target ``θ⁻ ← μ·θ⁻ + (1 − μ)·θ``; a LoRA student is its own
+            target (LCM-LoRA's recipe). Default 0.95.
+        checkpoint_every: write a checkpoint every this many steps (0: only at the end). Default 500.
+        resume: None (default), ``"latest"`` or a checkpoint folder.
+        mixed_precision: ``"no"`` (default), ``"fp16"`` or ``"bf16"`` (accelerate's).
+        max_grad_norm: clip the gradient norm to this (0: no clipping). Default 1.0 (LCM's).
+        seed: seeds the data order, the draws and the LoRA's initialisation. Default 0.
+        data_options: how images are cropped and bad data handled (its resolution is replaced by ``resolution``).
+    """
+
+    teacher: str
+    data: str
+    output: str
+    objective: Objective = field(default_factory=Objective)
+    lora_rank: int = 64
+    lora_alpha: int | None = None
+    resolution: int = 512
+    batch_size: int = 4
+    steps: int = 1000
+    lr: float = 1e-4
+    ema_decay: float = 0.95
+    checkpoint_every: int = 500
+    resume: str | None = None
+    mixed_precision: str = "no"
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    data_options: DataOptions = field(default_factory=DataOptions)
+
+    def __post_init__(self) -> None:
+        for name in ("teacher", "data", "output"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ValueError(f"{name} must be a non-empty path or id")
+        check_int("lora_rank", self.lora_rank, 0)
+        if self.lora_alpha is not None:
+            check_int("lora_alpha", self.lora_alpha, 1)
+        check_int("batch_size", self.batch_size, 1)
+        check_int("steps", self.steps, 1)
+        check_number("lr", self.lr, 0.0, 1.0, low_open=True)
+        check_number("ema_decay", self.ema_decay, 0.0, 1.0)
+        check_int("checkpoint_every", self.checkpoint_every, 0)
+        check_choice("mixed_precision", self.mixed_precision, ("no", "fp16", "bf16"))
+        check_number("max_grad_norm", self.max_grad_norm, 0.0, float("inf"))
+        check_int("seed", self.seed, 0)
+        object.__setattr__(self, "data_options", _with_resolution(self.data_options, self.resolution))
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What a checkpoint must share with the run that resumes it."""
+        return {"teacher": self.teacher, "objective": asdict(self.objective), "lora_rank": self.lora_rank,
+                "lora_alpha": self.lora_alpha, "batch_size": self.batch_size, "seed": self.seed}  # fmt: skip
+
+
+def _with_resolution(options: DataOptions, resolution: int) -> DataOptions:
+    return DataOptions(**{**asdict(options), "resolution": resolution})
