@@ -1,0 +1,101 @@
+"""A full (not LoRA) student as a diffusers model folder, written beside its place and renamed into it.
+
+diffusers and peft are imported when called.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..._files import folder_problem
+from ._models import _is_a, _unwrap
+from .card import CARD_NAME
+
+if TYPE_CHECKING:
+    from diffusers import ModelMixin
+
+# what save_pretrained writes into a model folder (a folder holding only these, and a card, may be replaced)
+_MODEL_FILES = re.compile(
+    r"config\.json|diffusion_pytorch_model.*\.(safetensors|bin)(\.index\.json)?|" + re.escape(CARD_NAME)
+)
+
+
+def save_full_student(unet: ModelMixin | torch.nn.Module, output_dir: str | Path) -> Path:
+    """Write a full (not LoRA) student as a diffusers model folder, ``config.json`` plus safetensors weights, which
+    ``UNet2DConditionModel.from_pretrained(output_dir)`` (or the model's own class) loads.
+
+    ``save_pretrained`` writes into a temporary folder beside ``output_dir``, which is then renamed onto it, so the
+    folder is never half-written. An existing ``output_dir`` is replaced only when it holds nothing but what
+    ``save_pretrained`` writes (and a card, which described the old student; write the new card afterwards): it is
+    renamed aside, the new folder renamed into place, and the old one removed (a crash between the two renames
+    leaves the old folder under a hidden name beside it, never a partial one).
+
+    Args:
+        unet: a diffusers model (``ModelMixin``) without peft adapters; DDP and ``torch.compile`` wrappers are looked
+            through.
+        output_dir: the model folder.
+
+    Returns:
+        The folder.
+
+    Raises:
+        TypeError: not a diffusers model.
+        ValueError: the model carries peft adapters (save those with :func:`save_lora`, or merge them first).
+        FileExistsError: ``output_dir`` holds other files.
+        NotADirectoryError: ``output_dir`` is a file, or its parent cannot be written.
+    """
+    from diffusers import ModelMixin
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    model = _unwrap(unet)
+    if not _is_a(model, ModelMixin):
+        raise TypeError(f"unet must be a diffusers model (ModelMixin), got {type(model).__name__}")
+    if getattr(model, "peft_config", None) or any(isinstance(m, BaseTunerLayer) for m in model.modules()):
+        raise ValueError(
+            "the model carries peft adapters; save them with save_lora, or merge them into the weights first "
+            "(unet.fuse_lora() / peft's merge_and_unload) and remove the adapters"
+        )
+    target = Path(output_dir)
+    if target.exists():
+        if not target.is_dir():
+            raise NotADirectoryError(f"cannot save the student in {target}: it is a file, not a folder")
+        foreign = sorted(p.name for p in target.iterdir() if not _MODEL_FILES.fullmatch(p.name))
+        if foreign:
+            raise FileExistsError(
+                f"{target} holds files that are not a diffusers model's ({', '.join(foreign[:5])}); "
+                "choose an empty or new folder for the student"
+            )
+    parent = target.absolute().parent
+    problem = folder_problem(parent)
+    if problem:
+        raise NotADirectoryError(f"cannot save the student in {target}: {problem}")
+    parent.mkdir(parents=True, exist_ok=True)
+    temp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent))
+    try:
+        model.save_pretrained(temp, safe_serialization=True)
+        _swap_folder(temp, target)
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+    return target
+
+
+def _swap_folder(new: Path, target: Path) -> None:
+    """Rename ``new`` onto ``target``; an existing ``target`` is renamed aside first and removed after."""
+    if not target.exists():
+        os.replace(new, target)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=new.parent))
+    os.replace(target, old)  # onto the empty folder just made: atomic
+    try:
+        os.replace(new, target)
+    except BaseException:
+        os.replace(old, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
