@@ -219,3 +219,23 @@ def test_bad_arguments_and_bad_data_stop_before_a_model_loads(
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and needle in err, (argv, err)
+
+
+def test_gradient_accumulation_and_validation_grids(tmp_path: Path) -> None:
+    """Two micro-batches a step make the same update as one (within float rounding); the validation grid is a PNG with
+    a row a prompt and a column for each of 1, 2, 4 and 8 steps."""
+    from PIL import Image
+
+    t, data = teacher(tmp_path), images(tmp_path)
+    one = config(tmp_path, t, data, output=str(tmp_path / "one"), steps=2)
+    train(one, progress=False)
+    two = config(tmp_path, t, data, output=str(tmp_path / "two"), steps=2, gradient_accumulation=2,
+                 validation_every=2, validation_prompts=("a cat", "a dog"))  # fmt: skip
+    train(two, progress=False)
+    a, b = weights(one.output), weights(two.output)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
+    grid = Image.open(Path(two.output) / "validation" / "step-00000002.png")
+    assert grid.size == (4 * 32, 2 * 32)
+    with pytest.raises(ValueError, match="equal micro-batches"):
+        train(config(tmp_path, t, data, output=str(tmp_path / "three"), gradient_accumulation=3), progress=False)

@@ -34,6 +34,11 @@ def add_train_parser(sub: Any) -> None:
     p.add_argument("--ema-decay", type=unit_float, default=0.95, help="EMA of a full student's target (0.95)")
     p.add_argument("--checkpoint-every", type=non_negative_int, default=500, help="steps between checkpoints (500)")
     p.add_argument("--resume", help="'latest' or a checkpoint folder to resume from")
+    p.add_argument("--gradient-accumulation", type=positive_int, default=1, help="micro-batches per step (1)")
+    p.add_argument("--validation-every", type=non_negative_int, default=0,
+                   help="write a grid of TCD samples at 1/2/4/8 steps every N steps (default 0: never)")  # fmt: skip
+    p.add_argument("--validation-prompt", action="append", dest="validation_prompts", metavar="PROMPT",
+                   help="a prompt of the validation grid (repeat for more rows)")  # fmt: skip
     p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no", help="(default no)")
     p.add_argument("--caption-dropout", type=unit_float, default=0.1, help="empty-caption rate for CFG (0.1)")
     p.add_argument("--seed", type=seed, default=0, help="seed of the data order and every draw (default 0)")
@@ -52,7 +57,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         teacher=args.teacher, data=args.data, output=args.output, objective=objective, lora_rank=args.lora_rank,
         lora_alpha=args.lora_alpha, resolution=args.resolution, batch_size=args.batch_size, steps=args.steps,
         lr=args.lr, ema_decay=args.ema_decay, checkpoint_every=args.checkpoint_every, resume=args.resume,
-        mixed_precision=args.mixed_precision, seed=args.seed,
+        mixed_precision=args.mixed_precision, seed=args.seed, gradient_accumulation=args.gradient_accumulation,
+        validation_every=args.validation_every,
+        **({"validation_prompts": tuple(args.validation_prompts)} if args.validation_prompts else {}),
         data_options=DataOptions(resolution=args.resolution, caption_dropout=args.caption_dropout, seed=args.seed),
     )  # fmt: skip
     card = train(config, progress=not args.no_progress)

@@ -12,7 +12,9 @@ folder and renamed, every ``checkpoint_every`` steps.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -29,6 +31,7 @@ from .export import save_full_student, save_lora, scheduler_settings, write_card
 from .objective import batch_loss, draw
 from .teachers import Conditioning, teacher_path
 from .train_config import TrainConfig
+from .validation import validation_grid
 
 __all__ = ["TrainConfig", "train"]
 
@@ -129,6 +132,41 @@ def _save_student(student: Any, run: _Run, config: TrainConfig) -> None:
         save_full_student(run.target, Path(config.output) / "unet")
 
 
+def _rows(tensor: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    return tensor[lo:hi]
+
+
+def _step(
+    config: TrainConfig, accelerator: Any, run: _Run, path: Any, prediction_type: str, latents: torch.Tensor,
+    cond: Conditioning, uncond: Conditioning, draws: Any,
+) -> torch.Tensor:  # fmt: skip
+    """One optimizer step on this process's rows, in ``config.gradient_accumulation`` equal micro-batches (gradients
+    synchronised across processes on the last); returns the rows' mean loss (detached)."""
+    n = config.gradient_accumulation
+    size = latents.shape[0] // n
+    target = run.target if config.lora_rank == 0 else accelerator.unwrap_model(run.student)
+    run.optimizer.zero_grad()
+    total = torch.zeros((), device=latents.device)
+    for j in range(n):
+        lo, hi = j * size, (j + 1) * size
+        sync = contextlib.nullcontext() if j == n - 1 else accelerator.no_sync(run.student)
+        with sync, accelerator.autocast():
+            part = functools.partial(_rows, lo=lo, hi=hi)
+            rows = (cond.map(part), uncond.map(part))
+            loss = batch_loss(config.objective, path, prediction_type, run.student, target, run.teacher,
+                              latents[lo:hi], *rows, draws.rows(lo, hi)) / n  # fmt: skip
+            accelerator.backward(loss)
+        total += loss.detach()
+    if config.max_grad_norm:
+        accelerator.clip_grad_norm_(run.trainable, config.max_grad_norm)
+    run.optimizer.step()
+    if config.lora_rank == 0:
+        with torch.no_grad():
+            for p_t, p in zip(run.target.parameters(), accelerator.unwrap_model(run.student).parameters(), strict=True):
+                p_t.lerp_(p, 1 - config.ema_decay)
+    return total
+
+
 def train(config: TrainConfig, progress: bool = True) -> dict[str, Any]:
     """Run ``config``; returns the card (also written as ``card.json``, beside the LoRA or the ``unet/`` folder).
     See the module docstring."""
@@ -143,6 +181,9 @@ def train(config: TrainConfig, progress: bool = True) -> dict[str, Any]:
     if config.batch_size % world:
         raise ValueError(f"batch_size={config.batch_size} must be a multiple of the {world} processes")
     local = config.batch_size // world
+    if local % config.gradient_accumulation:
+        raise ValueError(f"each process's {local} rows must split into gradient_accumulation="
+                         f"{config.gradient_accumulation} equal micro-batches")  # fmt: skip
     pipe = _pipeline(config.teacher)
     path, prediction_type = teacher_path(pipe.scheduler.config)
     run = _models(config, pipe)
@@ -161,20 +202,8 @@ def train(config: TrainConfig, progress: bool = True) -> dict[str, Any]:
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
         draws = draw(config.objective, T, (config.batch_size, *latents.shape[1:]), generator)
         draws = draws.rows(rank * local, (rank + 1) * local)
-        target = run.target if config.lora_rank == 0 else accelerator.unwrap_model(student)
-        with accelerator.autocast():
-            loss = batch_loss(config.objective, path, prediction_type, student, target, run.teacher, latents, cond,
-                              uncond, draws)  # fmt: skip
-        optimizer.zero_grad()
-        accelerator.backward(loss)
-        if config.max_grad_norm:
-            accelerator.clip_grad_norm_(run.trainable, config.max_grad_norm)
-        optimizer.step()
-        if config.lora_rank == 0:
-            with torch.no_grad():
-                for p_t, p in zip(run.target.parameters(), accelerator.unwrap_model(student).parameters(), strict=True):
-                    p_t.lerp_(p, 1 - config.ema_decay)
-        mean_loss = accelerator.reduce(loss.detach(), reduction="mean").item()
+        loss = _step(config, accelerator, run, path, prediction_type, latents, cond, uncond, draws)
+        mean_loss = accelerator.reduce(loss, reduction="mean").item()
         losses.append(mean_loss)
         bar.set_postfix(loss=f"{mean_loss:.4g}", it_s=f"{(step + 1 - start) / (time.perf_counter() - began):.2f}")
         done = step + 1
@@ -183,6 +212,14 @@ def train(config: TrainConfig, progress: bool = True) -> dict[str, Any]:
                 unwrapped = accelerator.unwrap_model(student)
                 save_checkpoint(unwrapped, None if own_target else run.target, optimizer, config, done, losses)
             accelerator.wait_for_everyone()
+        if (
+            accelerator.is_main_process
+            and config.validation_every
+            and (done % config.validation_every == 0 or done == config.steps)
+        ):
+            card = _card(config, pipe.scheduler.config, T, world, losses, prediction_type)
+            grid = Path(config.output) / "validation" / f"step-{done:08d}.png"
+            validation_grid(pipe, accelerator.unwrap_model(student), card, config.validation_prompts, grid)
     card = _card(config, pipe.scheduler.config, T, world, losses, prediction_type)
     if accelerator.is_main_process:
         _save_student(accelerator.unwrap_model(student), run, config)

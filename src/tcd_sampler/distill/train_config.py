@@ -32,6 +32,11 @@ class TrainConfig:
         checkpoint_every: write a checkpoint every this many steps (0: only at the end). Default 500.
         resume: None (default), ``"latest"`` or a checkpoint folder.
         mixed_precision: ``"no"`` (default), ``"fp16"`` or ``"bf16"`` (accelerate's).
+        gradient_accumulation: micro-batches a process's rows are split into, one backward each (the same
+            update, less memory). Default 1.
+        validation_every: write a grid of TCD samples at 1/2/4/8 steps (one row a prompt) to
+            ``validation/step-<n>.png`` every this many steps and at the end (0, default: never).
+        validation_prompts: the grid's prompts. Default one astronaut.
         max_grad_norm: clip the gradient norm to this (0: no clipping). Default 1.0 (LCM's).
         seed: seeds the data order, the draws and the LoRA's initialisation. Default 0.
         data_options: how images are cropped and bad data handled (its resolution is replaced by ``resolution``).
@@ -51,6 +56,9 @@ class TrainConfig:
     checkpoint_every: int = 500
     resume: str | None = None
     mixed_precision: str = "no"
+    gradient_accumulation: int = 1
+    validation_every: int = 0
+    validation_prompts: tuple[str, ...] = ("a photograph of an astronaut riding a horse",)
     max_grad_norm: float = 1.0
     seed: int = 0
     data_options: DataOptions = field(default_factory=DataOptions)
@@ -68,6 +76,11 @@ class TrainConfig:
         check_number("ema_decay", self.ema_decay, 0.0, 1.0)
         check_int("checkpoint_every", self.checkpoint_every, 0)
         check_choice("mixed_precision", self.mixed_precision, ("no", "fp16", "bf16"))
+        check_int("gradient_accumulation", self.gradient_accumulation, 1)
+        check_int("validation_every", self.validation_every, 0)
+        if not self.validation_prompts or not all(isinstance(p, str) for p in self.validation_prompts):
+            raise ValueError("validation_prompts must be a non-empty sequence of strings")
+        object.__setattr__(self, "validation_prompts", tuple(self.validation_prompts))
         check_number("max_grad_norm", self.max_grad_norm, 0.0, float("inf"))
         check_int("seed", self.seed, 0)
         object.__setattr__(self, "data_options", _with_resolution(self.data_options, self.resolution))
