@@ -51,6 +51,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from ..distill.objective import Objective
     from ..distill.train import TrainConfig, train
 
+    prompts = tuple(args.validation_prompts or TrainConfig.validation_prompts)
     objective = Objective(method=args.method, guidance_min=args.guidance_min, guidance_max=args.guidance_max,
                           distance=args.loss)  # fmt: skip
     config = TrainConfig(
@@ -58,8 +59,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         lora_alpha=args.lora_alpha, resolution=args.resolution, batch_size=args.batch_size, steps=args.steps,
         lr=args.lr, ema_decay=args.ema_decay, checkpoint_every=args.checkpoint_every, resume=args.resume,
         mixed_precision=args.mixed_precision, seed=args.seed, gradient_accumulation=args.gradient_accumulation,
-        validation_every=args.validation_every,
-        **({"validation_prompts": tuple(args.validation_prompts)} if args.validation_prompts else {}),
+        validation_every=args.validation_every, validation_prompts=prompts,
         data_options=DataOptions(resolution=args.resolution, caption_dropout=args.caption_dropout, seed=args.seed),
     )  # fmt: skip
     card = train(config, progress=not args.no_progress)
