@@ -239,3 +239,36 @@ def test_gradient_accumulation_and_validation_grids(tmp_path: Path) -> None:
     assert grid.size == (4 * 32, 2 * 32)
     with pytest.raises(ValueError, match="equal micro-batches"):
         train(config(tmp_path, t, data, output=str(tmp_path / "three"), gradient_accumulation=3), progress=False)
+
+
+def pixel_teacher(tmp: Path) -> str:
+    """A tiny unconditional pixel-space DDPMPipeline (UNet2DModel): the next issue's kind of image teacher."""
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(
+        sample_size=32, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=4, attention_head_dim=4,
+    )  # fmt: skip
+    folder = tmp / "ddpm"
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(folder)
+    return str(folder)
+
+
+def test_an_unconditional_pixel_teacher_trains_without_captions(tmp_path: Path) -> None:
+    from PIL import Image
+
+    data = tmp_path / "pictures"
+    data.mkdir()
+    g = torch.Generator().manual_seed(1)
+    for i in range(4):  # no caption files
+        Image.fromarray((torch.rand(32, 32, 3, generator=g) * 255).to(torch.uint8).numpy()).save(data / f"{i}.png")
+    t = pixel_teacher(tmp_path)
+    cfg = config(tmp_path, t, str(data), lora_rank=0, steps=2, validation_every=2)
+    card = train(cfg, progress=False)
+    assert len(card["losses"]) == 2 and all(loss > 0 for loss in card["losses"])
+    assert (Path(cfg.output) / "unet" / "config.json").is_file()
+    assert (Path(cfg.output) / "validation" / "step-00000002.png").is_file()
+    with pytest.raises(ValueError, match="needs a UNet2DConditionModel"):
+        train(config(tmp_path, t, str(data), output=str(tmp_path / "lora"), lora_rank=4), progress=False)

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from ..schedulers.config_file import looks_local
 from .checkpoints import load_checkpoint, save_checkpoint
-from .data import ImageCaptionDataset, collate
+from .data import DataOptions, ImageCaptionDataset, collate
 from .export import save_full_student, save_lora, scheduler_settings, write_card
 from .objective import batch_loss, draw
 from .teachers import Conditioning, teacher_path
@@ -53,9 +53,18 @@ def _pipeline(teacher: str) -> Any:
     from diffusers import DiffusionPipeline
 
     pipe = DiffusionPipeline.from_pretrained(teacher)
-    if not hasattr(pipe, "unet") or not hasattr(pipe, "encode_prompt"):
-        raise ValueError(f"teacher {teacher} is a {type(pipe).__name__}, not a text-to-image UNet pipeline")
+    if not hasattr(pipe, "unet"):
+        raise ValueError(f"teacher {teacher} is a {type(pipe).__name__}, not a UNet pipeline")
     return pipe
+
+
+def _text_conditioned(teacher: str) -> bool | None:
+    """Whether a local teacher pipeline has a text encoder (its ``model_index.json``); None where it cannot be read
+    before loading (a Hub id)."""
+    index = Path(teacher).expanduser() / "model_index.json"
+    if not index.is_file():
+        return None
+    return "text_encoder" in json.loads(index.read_text(encoding="utf-8"))
 
 
 def _models(config: TrainConfig, pipe: Any) -> _Run:
@@ -80,6 +89,8 @@ def _models(config: TrainConfig, pipe: Any) -> _Run:
 def _conditions(pipe: Any, captions: list[str], batch: dict[str, Any], device: Any) -> tuple[Any, Any]:
     """The text conditions (and SDXL's added ones) of ``captions`` and of the empty prompt."""
     with torch.no_grad():
+        if not hasattr(pipe, "encode_prompt"):  # an unconditional UNet2DModel: no text, no guidance
+            return Conditioning(), Conditioning()
         if hasattr(pipe, "text_encoder_2"):  # SDXL
             empty = [""] * len(captions)
             embeds, neg, pooled, neg_pooled = pipe.encode_prompt(captions, device=device, negative_prompt=empty)
@@ -95,6 +106,8 @@ def _conditions(pipe: Any, captions: list[str], batch: dict[str, Any], device: A
 
 
 def _latents(pipe: Any, pixels: torch.Tensor) -> torch.Tensor:
+    if getattr(pipe, "vae", None) is None:  # a pixel-space teacher: the images themselves
+        return pixels
     with torch.no_grad():
         return pipe.vae.encode(pixels.to(pipe.vae.dtype)).latent_dist.mode() * pipe.vae.config.scaling_factor
 
@@ -175,7 +188,10 @@ def train(config: TrainConfig, progress: bool = True) -> dict[str, Any]:
     teacher = Path(config.teacher).expanduser()
     if (looks_local(config.teacher) or teacher.exists()) and not (teacher / "model_index.json").is_file():
         raise ValueError(f"teacher {config.teacher} is not a diffusers pipeline folder (no model_index.json)")
-    dataset = ImageCaptionDataset(config.data, config.data_options)  # scanned before any model loads
+    options = config.data_options
+    if _text_conditioned(config.teacher) is False:  # an unconditional teacher: captions are not needed
+        options = DataOptions(**{**asdict(options), "require_captions": False})
+    dataset = ImageCaptionDataset(config.data, options)  # scanned before any model loads
     accelerator = Accelerator(mixed_precision=config.mixed_precision)
     world, rank = accelerator.num_processes, accelerator.process_index
     if config.batch_size % world:
@@ -185,6 +201,9 @@ def train(config: TrainConfig, progress: bool = True) -> dict[str, Any]:
         raise ValueError(f"each process's {local} rows must split into gradient_accumulation="
                          f"{config.gradient_accumulation} equal micro-batches")  # fmt: skip
     pipe = _pipeline(config.teacher)
+    if config.lora_rank and type(pipe.unet).__name__ != "UNet2DConditionModel":
+        raise ValueError(f"a LoRA student needs a UNet2DConditionModel teacher (this one is a "
+                         f"{type(pipe.unet).__name__}); pass --lora-rank 0 to train it in full")  # fmt: skip
     path, prediction_type = teacher_path(pipe.scheduler.config)
     run = _models(config, pipe)
     own_target = run.target is run.student

@@ -34,8 +34,12 @@ def validation_grid(pipe: Any, student: Any, card: dict[str, Any], prompts: tupl
             cells = []
             for steps in STEPS:
                 generator = torch.Generator().manual_seed(seed)
-                image = pipe(prompt, num_inference_steps=steps, guidance_scale=1.0, generator=generator,
-                             output_type="pil").images[0]  # fmt: skip
+                if hasattr(pipe, "encode_prompt"):
+                    out = pipe(prompt, num_inference_steps=steps, guidance_scale=1.0, generator=generator,
+                               output_type="pil")  # fmt: skip
+                else:  # an unconditional pipeline (DDPMPipeline): the prompt is the row's label only
+                    out = pipe(num_inference_steps=steps, generator=generator, output_type="pil")
+                image = out.images[0]
                 cells.append(image.convert("RGB"))
             rows.append(cells)
     finally:
