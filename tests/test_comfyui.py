@@ -280,3 +280,8 @@ def test_the_registry_metadata_parses_with_comfyuis_own_parser() -> None:
     config = config_parser.extract_node_configuration(str(ce.REPO_ROOT))
     assert config is not None and config.project.name == "tcd-sampler"
     assert config.tool_comfy.display_name == "TCD Sampler" and "src" in config.tool_comfy.includes
+
+
+def test_a_denoise_too_low_for_the_grid_is_named_in_the_nodes_words(nodes: dict[str, Any]) -> None:
+    with pytest.raises(ValueError, match=r"4 steps at denoise 0\.05"):
+        nodes["TCDScheduler"]().get_sigmas(model("eps"), 4, 0.05, 50)

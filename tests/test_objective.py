@@ -153,3 +153,6 @@ def test_bad_settings_are_clear_errors() -> None:
         teacher_path({**SD_CONFIG, "prediction_type": "flow"})
     with pytest.raises(ValueError, match="flow-matching teacher"):
         teacher_path({"shift": 3.0})
+    with pytest.raises(ValueError, match="EDM teacher"):
+        teacher_path({"sigma_data": 0.5, "sigma_max": 80.0})
+    assert teacher_path({**SD_CONFIG, "sigma_min": None, "sigma_max": None})[1] == "epsilon"  # EulerDiscrete's keys

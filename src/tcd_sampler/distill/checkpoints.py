@@ -20,8 +20,9 @@ CHECKPOINTS = "checkpoints"
 
 
 def save_checkpoint(
-    student: Any, target: Any | None, optimizer: Any, config: TrainConfig, step: int, losses: list[float]
-) -> None:
+    student: Any, target: Any | None, optimizer: Any, config: TrainConfig, step: int, losses: list[float],
+    scaler: Any = None,
+) -> None:  # fmt: skip
     """Write the state after ``step`` steps to ``<output>/checkpoints/step-<step>`` (a temporary folder, renamed).
 
     Args:
@@ -31,6 +32,7 @@ def save_checkpoint(
         config: the run (its output folder and fingerprint).
         step: the steps taken.
         losses: the loss of every step so far.
+        scaler: fp16's gradient scaler, whose state is saved; None (default) where there is none.
     """
     root = Path(config.output) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
@@ -41,6 +43,8 @@ def save_checkpoint(
              "optimizer": optimizer.state_dict(), "step": step, "losses": losses}  # fmt: skip
     if target is not None:
         state["target"] = {k: v.detach().cpu() for k, v in target.state_dict().items()}
+    if scaler is not None:
+        state["scaler"] = scaler.state_dict()
     torch.save(state, tmp / "state.pt")
     (tmp / "checkpoint.json").write_text(json.dumps({"step": step, **config.fingerprint()}, indent=2))
     if final.exists():
@@ -48,7 +52,9 @@ def save_checkpoint(
     os.replace(tmp, final)
 
 
-def load_checkpoint(student: Any, target: Any | None, optimizer: Any, config: TrainConfig) -> tuple[int, list[float]]:
+def load_checkpoint(
+    student: Any, target: Any | None, optimizer: Any, config: TrainConfig, scaler: Any = None
+) -> tuple[int, list[float]]:
     """Load the checkpoint ``config.resume`` names (``"latest"``: the newest, or none yet: start) into ``student``,
     ``target`` and ``optimizer``; returns the step it was taken at and the losses so far. ValueError where the
     folder is not a checkpoint or is from another run (its fingerprint differs)."""
@@ -78,4 +84,6 @@ def load_checkpoint(student: Any, target: Any | None, optimizer: Any, config: Tr
         if "target" in state and target is not None:
             target.load_state_dict(state["target"])
     optimizer.load_state_dict(state["optimizer"])
+    if scaler is not None and "scaler" in state:
+        scaler.load_state_dict(state["scaler"])
     return int(state["step"]), list(state["losses"])

@@ -76,6 +76,8 @@ def teacher_path(scheduler_config: Mapping[str, Any]) -> tuple[VPDiscrete, str]:
         raise ValueError(
             "a flow-matching teacher is not supported by this trainer yet (its scheduler config has shift)"
         )
+    if c.get("sigma_data") is not None:  # EDM schedulers' (discrete schedulers may carry sigma_min/max: None)
+        raise ValueError("an EDM teacher (its scheduler config has sigma_data) is not supported by this trainer yet")
     prediction_type = str(c.get("prediction_type", "epsilon"))
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"the teacher's prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")

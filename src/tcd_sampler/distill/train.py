@@ -58,6 +58,20 @@ def _pipeline(teacher: str) -> Any:
     return pipe
 
 
+def _place(pipe: Any, run: _Run, accelerator: Any) -> None:
+    """Move the frozen models to the run's device and, with mixed precision, cast the teacher and the text encoders
+    to its dtype (the VAE stays float32: SDXL's overflows in float16; the target stays float32, as the student)."""
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(str(accelerator.mixed_precision))
+    pipe.to(accelerator.device)
+    if dtype is not None:
+        run.teacher.to(dtype)
+        for name in ("text_encoder", "text_encoder_2"):
+            if getattr(pipe, name, None) is not None:
+                getattr(pipe, name).to(dtype)
+    if run.target is not run.student:
+        run.target.to(accelerator.device)
+
+
 def _text_conditioned(teacher: str) -> bool | None:
     """Whether a local teacher pipeline has a text encoder (its ``model_index.json``); None where it cannot be read
     before loading (a Hub id)."""
@@ -92,8 +106,8 @@ def _conditions(pipe: Any, captions: list[str], batch: dict[str, Any], device: A
         if not hasattr(pipe, "encode_prompt"):  # an unconditional UNet2DModel: no text, no guidance
             return Conditioning(), Conditioning()
         if hasattr(pipe, "text_encoder_2"):  # SDXL
-            empty = [""] * len(captions)
-            embeds, neg, pooled, neg_pooled = pipe.encode_prompt(captions, device=device, negative_prompt=empty)
+            # no negative prompt: the pipeline's own unconditional input (zeros with force_zeros_for_empty_prompt)
+            embeds, neg, pooled, neg_pooled = pipe.encode_prompt(captions, device=device)
             r = batch["pixel_values"].shape[-1]
             sizes = zip(batch["original_size"], batch["crop_top_left"], strict=True)
             ids = torch.tensor([[*o, *c, r, r] for o, c in sizes], dtype=embeds.dtype, device=device)
@@ -112,15 +126,22 @@ def _latents(pipe: Any, pixels: torch.Tensor) -> torch.Tensor:
         return pipe.vae.encode(pixels.to(pipe.vae.dtype)).latent_dist.mode() * pipe.vae.config.scaling_factor
 
 
-def _order(n: int, step: int, batch: int, seed: int) -> list[int]:
-    """The dataset indices of the global batch of ``step``: consecutive slices of a permutation seeded per epoch."""
-    out: list[int] = []
+def _order(n: int, step: int, batch: int, seed: int) -> list[tuple[int, int]]:
+    """The ``(dataset index, epoch)`` of each row of the global batch of ``step``: consecutive slices of a
+    permutation seeded per epoch."""
+    out: list[tuple[int, int]] = []
     start = step * batch
     while len(out) < batch:
         epoch, offset = divmod(start + len(out), n)
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch)).tolist()
-        out.extend(perm[offset : offset + batch - len(out)])
+        out.extend((i, epoch) for i in perm[offset : offset + batch - len(out)])
     return out
+
+
+def _sample(dataset: Any, index: int, epoch: int) -> Any:
+    """Sample ``index`` as drawn in ``epoch`` (its random crop, flip and caption dropout are seeded by the epoch)."""
+    dataset.set_epoch(epoch)
+    return dataset[index]
 
 
 def _card(config: TrainConfig, teacher_config: Any, T: int, world: int, losses: list[float], prediction: str) -> Any:
@@ -163,11 +184,12 @@ def _step(
     for j in range(n):
         lo, hi = j * size, (j + 1) * size
         sync = contextlib.nullcontext() if j == n - 1 else accelerator.no_sync(run.student)
-        with sync, accelerator.autocast():
+        with sync:
             part = functools.partial(_rows, lo=lo, hi=hi)
             rows = (cond.map(part), uncond.map(part))
-            loss = batch_loss(config.objective, path, prediction_type, run.student, target, run.teacher,
-                              latents[lo:hi], *rows, draws.rows(lo, hi)) / n  # fmt: skip
+            with accelerator.autocast():
+                loss = batch_loss(config.objective, path, prediction_type, run.student, target, run.teacher,
+                                  latents[lo:hi], *rows, draws.rows(lo, hi)) / n  # fmt: skip
             accelerator.backward(loss)
         total += loss.detach()
     if config.max_grad_norm:
@@ -205,9 +227,11 @@ def train(config: TrainConfig, progress: bool = True) -> dict[str, Any]:
         raise ValueError(f"a LoRA student needs a UNet2DConditionModel teacher (this one is a "
                          f"{type(pipe.unet).__name__}); pass --lora-rank 0 to train it in full")  # fmt: skip
     path, prediction_type = teacher_path(pipe.scheduler.config)
-    run = _models(config, pipe)
+    run = _models(config, pipe)  # the student and the target: float32 copies, made before the teacher is cast
+    _place(pipe, run, accelerator)
     own_target = run.target is run.student
-    start, losses = load_checkpoint(run.student, None if own_target else run.target, run.optimizer, config)
+    scaler = accelerator.scaler  # fp16's gradient scaler (None otherwise): part of the state a resume restores
+    start, losses = load_checkpoint(run.student, None if own_target else run.target, run.optimizer, config, scaler)
     student, optimizer = accelerator.prepare(run.student, run.optimizer)
     run.student, run.optimizer = student, optimizer
     T = int(path.num_train_timesteps)
@@ -215,7 +239,7 @@ def train(config: TrainConfig, progress: bool = True) -> dict[str, Any]:
     bar = tqdm(range(start, config.steps), disable=not (progress and accelerator.is_main_process), desc="distill")
     for step in bar:
         rows = _order(len(dataset), step, config.batch_size, config.seed)[rank * local : (rank + 1) * local]
-        batch = collate([dataset[i] for i in rows])
+        batch = collate([_sample(dataset, index, epoch) for index, epoch in rows])
         latents = _latents(pipe, batch["pixel_values"].to(accelerator.device))
         cond, uncond = _conditions(pipe, batch["caption"], batch, accelerator.device)
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
@@ -229,7 +253,7 @@ def train(config: TrainConfig, progress: bool = True) -> dict[str, Any]:
         if (config.checkpoint_every and done % config.checkpoint_every == 0) or done == config.steps:
             if accelerator.is_main_process:
                 unwrapped = accelerator.unwrap_model(student)
-                save_checkpoint(unwrapped, None if own_target else run.target, optimizer, config, done, losses)
+                save_checkpoint(unwrapped, None if own_target else run.target, optimizer, config, done, losses, scaler)
             accelerator.wait_for_everyone()
         if (
             accelerator.is_main_process

@@ -25,6 +25,7 @@ with the package pip-installed, from a one-file shim ``ComfyUI/custom_nodes/tcd_
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -136,7 +137,14 @@ def tcd_sigmas(model_sampling: Any, steps: int, denoise: float = 1.0, original_i
     if isinstance(time, GridTime):
         T = int(getattr(model_sampling, "num_timesteps", len(time.sigmas)))
         scheduler = _TCDScheduler(num_train_timesteps=T, original_inference_steps=original_inference_steps)
-        scheduler.set_timesteps(steps, strength=denoise)
+        try:
+            scheduler.set_timesteps(steps, strength=denoise)
+        except ValueError as err:  # in the node's words: denoise, not strength
+            raise ValueError(
+                f"TCD Scheduler: {steps} steps at denoise {denoise} need more of the distillation grid than "
+                f"original_inference_steps={original_inference_steps} × denoise leaves; use fewer steps or a higher "
+                f"denoise ({err})"
+            ) from None
         t = scheduler.timesteps.numpy()
         at = np.searchsorted(time.times, t)
         exact = (at < len(time.times)) & (time.times[np.minimum(at, len(time.times) - 1)] == t)
@@ -222,7 +230,9 @@ def register_ksampler_entry() -> bool:
     try:
         import comfy.k_diffusion.sampling as k_sampling
         import comfy.samplers as samplers
-    except ImportError:
+    except Exception as err:  # not inside ComfyUI, or a comfy package that cannot start here
+        if not isinstance(err, ImportError):
+            logging.getLogger("tcd_sampler").warning("TCD: no `tcd` entry in the KSampler list: %s", err)
         return False
     if "tcd" in samplers.KSAMPLER_NAMES or hasattr(k_sampling, "sample_tcd"):
         return False
