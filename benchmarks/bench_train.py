@@ -42,6 +42,7 @@ import peft
 import torch
 from diffusers import UNet2DConditionModel
 
+from tcd_sampler.distill.losses import ema_update
 from tcd_sampler.distill.objective import Objective, batch_loss, draw
 from tcd_sampler.distill.teachers import Conditioning, teacher_path
 from tcd_sampler.distill.train import TrainConfig, _models
@@ -161,9 +162,7 @@ def setup(spec: Spec, lora: bool, device: torch.device) -> SimpleNamespace:
         optimizer.step()
         clock.mark("optimizer")
         if not lora:
-            with torch.no_grad():
-                for p_t, p in zip(target.parameters(), student.parameters(), strict=True):
-                    p_t.lerp_(p, 1 - EMA_DECAY)
+            ema_update(target, student, EMA_DECAY)
         clock.mark("ema")
         return clock.parts
 

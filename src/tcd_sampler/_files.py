@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["atomic_paths", "folder_problem"]
+__all__ = ["atomic_paths", "folder_problem", "replace_folder"]
 
 
 def folder_problem(folder: str | Path) -> str | None:
@@ -77,3 +78,19 @@ def _new_temp(target: Path) -> Path:
                 return temp
         except FileExistsError:
             continue
+
+
+def replace_folder(new: Path, target: Path) -> None:
+    """Rename the finished folder ``new`` onto ``target`` (in the same folder); an existing ``target`` is renamed aside
+    first and removed after, so at every moment either the old or the new folder stands at ``target``."""
+    if not target.exists():
+        os.replace(new, target)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=new.parent))
+    os.replace(target, old)  # onto the empty folder just made: atomic
+    try:
+        os.replace(new, target)
+    except BaseException:
+        os.replace(old, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)

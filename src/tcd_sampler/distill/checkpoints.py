@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from .._files import replace_folder
 from .train_config import TrainConfig
 
 __all__ = ["CHECKPOINTS", "load_checkpoint", "save_checkpoint"]
@@ -47,9 +48,7 @@ def save_checkpoint(
         state["scaler"] = scaler.state_dict()
     torch.save(state, tmp / "state.pt")
     (tmp / "checkpoint.json").write_text(json.dumps({"step": step, **config.fingerprint()}, indent=2))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    replace_folder(tmp, final)
 
 
 def load_checkpoint(

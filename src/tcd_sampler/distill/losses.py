@@ -25,7 +25,16 @@ import torch
 from ..core.paths import VPDiscrete
 from ..core.step import consistency_jump
 
-__all__ = ["DISTANCES", "METHODS", "ConsistencyFunction", "distance", "distillation_loss", "guided", "target_times"]
+__all__ = [
+    "DISTANCES",
+    "METHODS",
+    "ConsistencyFunction",
+    "distance",
+    "distillation_loss",
+    "ema_update",
+    "guided",
+    "target_times",
+]
 
 #: The distillation methods: TCD (jumps to ``t_m``) and LCM (jumps to the clean end, with the boundary condition).
 METHODS = ("tcd", "lcm")
@@ -160,3 +169,11 @@ def distillation_loss(
     with torch.no_grad():
         target = f(target_model, x_n, t_n, t_m)
     return distance(f(student, x, t, t_m), target, kind, huber_c)
+
+
+@torch.no_grad()
+def ema_update(target: torch.nn.Module, source: torch.nn.Module, decay: float) -> None:
+    """The loss's target network as the exponential moving average of the student: ``θ⁻ ← μ·θ⁻ + (1 − μ)·θ`` with
+    ``μ = decay``, parameter by parameter (the two networks have the same architecture)."""
+    for p_target, p in zip(target.parameters(), source.parameters(), strict=True):
+        p_target.lerp_(p, 1 - decay)

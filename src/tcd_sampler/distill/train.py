@@ -28,6 +28,7 @@ from ..schedulers.config_file import looks_local
 from .checkpoints import load_checkpoint, save_checkpoint
 from .data import DataOptions, ImageCaptionDataset, collate
 from .export import save_full_student, save_lora, scheduler_settings, write_card
+from .losses import ema_update
 from .objective import batch_loss, draw
 from .teachers import Conditioning, teacher_path
 from .train_config import TrainConfig
@@ -196,9 +197,7 @@ def _step(
         accelerator.clip_grad_norm_(run.trainable, config.max_grad_norm)
     run.optimizer.step()
     if config.lora_rank == 0:
-        with torch.no_grad():
-            for p_t, p in zip(run.target.parameters(), accelerator.unwrap_model(run.student).parameters(), strict=True):
-                p_t.lerp_(p, 1 - config.ema_decay)
+        ema_update(run.target, accelerator.unwrap_model(run.student), config.ema_decay)
     return total
 
 

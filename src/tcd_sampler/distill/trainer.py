@@ -22,7 +22,7 @@ from tqdm.auto import trange
 from ..core.paths import VPDiscrete
 from ..schedulers.vp import TCDScheduler
 from .config import DistillConfig
-from .losses import ConsistencyFunction, distillation_loss, target_times
+from .losses import ConsistencyFunction, distillation_loss, ema_update, target_times
 from .student import Student, student_card
 from .teacher import DATASETS
 
@@ -87,9 +87,7 @@ def distill(config: DistillConfig, progress: bool = True, log_every: int = 50) -
         opt.zero_grad()
         loss.backward()
         opt.step()
-        with torch.no_grad():
-            for p_ema, p in zip(ema.parameters(), student.parameters(), strict=True):
-                p_ema.lerp_(p, 1 - config.ema_decay)
+        ema_update(ema, student, config.ema_decay)
         if step % log_every == 0:
             losses.append(loss.item())
 

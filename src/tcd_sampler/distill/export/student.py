@@ -5,7 +5,6 @@ diffusers and peft are imported when called.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import tempfile
@@ -14,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..._files import folder_problem
+from ..._files import folder_problem, replace_folder
 from ._models import _is_a, _unwrap
 from .card import CARD_NAME
 
@@ -80,22 +79,7 @@ def save_full_student(unet: ModelMixin | torch.nn.Module, output_dir: str | Path
     temp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent))
     try:
         model.save_pretrained(temp, safe_serialization=True)
-        _swap_folder(temp, target)
+        replace_folder(temp, target)
     finally:
         shutil.rmtree(temp, ignore_errors=True)
     return target
-
-
-def _swap_folder(new: Path, target: Path) -> None:
-    """Rename ``new`` onto ``target``; an existing ``target`` is renamed aside first and removed after."""
-    if not target.exists():
-        os.replace(new, target)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=new.parent))
-    os.replace(target, old)  # onto the empty folder just made: atomic
-    try:
-        os.replace(new, target)
-    except BaseException:
-        os.replace(old, target)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
