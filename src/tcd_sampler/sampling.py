@@ -81,7 +81,6 @@ def _sample(
     path: Path,
     seed: int | None,
 ) -> torch.Tensor:
-    check_float_tensor("x", x)
     gamma = check_number("gamma", gamma, 0.0, 1.0)
     # the schedule is read to the host once, here; the loop below reads no device value
     sig_host = torch.as_tensor(sigmas).detach().cpu().double().numpy()
@@ -177,7 +176,8 @@ def sample_tcd_rf(
 
 def _loop_path(path: Path | None, time: TimeMap | None, x: torch.Tensor, default: type[VE | RectifiedFlow]) -> Path:
     """The path a sampler runs on: ``path``, else ``default`` in the time ``time`` with its maps called on ``x``'s
-    device. A path of the other sampler's family, or a discrete one, is an error naming what to pass instead."""
+    device. A path of the other sampler's family, or a discrete one, is an error naming what to pass instead. Checks
+    ``x`` first, for both samplers (it reads ``x.device``)."""
     check_float_tensor("x", x)
     if path is None:
         return default(time=time, device=x.device)

@@ -46,13 +46,23 @@ class Conditioning:
         )
 
 
+_TAKES_TEXT: dict[type, bool] = {}
+
+
+def _takes_text(cls: type) -> bool:
+    """Whether a UNet class's forward takes text embeddings (``UNet2DConditionModel``; a ``UNet2DModel`` does not);
+    inspected once per class, since the trainer builds four models a step."""
+    if cls not in _TAKES_TEXT:
+        _TAKES_TEXT[cls] = "encoder_hidden_states" in inspect.signature(getattr(cls, "forward")).parameters  # noqa: B009
+    return _TAKES_TEXT[cls]
+
+
 def network(unet: Any, cond: Conditioning) -> Model:
     """The model ``(x_t, t) → m`` of a diffusers UNet under ``cond`` (its ``.sample`` output, in ``x_t``'s dtype's
     working precision as the UNet returns it)."""
     inner = getattr(unet, "module", unet)  # a DistributedDataParallel wrapper forwards to its module
-    params = inspect.signature(inner.forward).parameters
     kwargs: dict[str, Any] = {}
-    if "encoder_hidden_states" in params:
+    if _takes_text(type(inner)):
         if cond.encoder_hidden_states is None:
             raise ValueError(f"{type(inner).__name__} needs encoder_hidden_states (text embeddings) to be conditioned")
         kwargs["encoder_hidden_states"] = cond.encoder_hidden_states

@@ -145,10 +145,7 @@ def tcd_sigmas(model_sampling: Any, steps: int, denoise: float = 1.0, original_i
                 f"original_inference_steps={original_inference_steps} × denoise leaves; use fewer steps or a higher "
                 f"denoise ({err})"
             ) from None
-        t = scheduler.timesteps.numpy()
-        at = np.searchsorted(time.times, t)
-        exact = (at < len(time.times)) & (time.times[np.minimum(at, len(time.times) - 1)] == t)
-        sig = np.where(exact, time.sigmas[np.minimum(at, len(time.times) - 1)], time.t_to_sigma(t))
+        sig = time.t_to_sigma(scheduler.timesteps.numpy())  # the model's own sigmas on its grid
         return torch.cat([torch.from_numpy(sig).float(), torch.zeros(1)])
     total = steps if denoise >= 1 else int(steps / denoise)
     if isinstance(path, RectifiedFlow):

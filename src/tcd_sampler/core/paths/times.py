@@ -78,10 +78,11 @@ class GridTime:
         return np.where(sig >= self.sigmas[0], t, below)
 
     def t_to_sigma(self, t: Any) -> np.ndarray:
-        """The sigma at grid times ``t``: log-linear between grid points (ComfyUI's ``sigma(t)``), linear to 0 below
-        the first grid point, the last sigma above the grid."""
+        """The sigma at grid times ``t``: the grid's own sigma at a grid point, log-linear between grid points
+        (ComfyUI's ``sigma(t)``), linear to 0 below the first grid point, the last sigma above the grid."""
         time = np.asarray(t, dtype=np.float64)
-        on = np.exp(np.interp(time, self.times, self.log_sigmas))
+        at = np.minimum(np.searchsorted(self.times, time), len(self.times) - 1)
+        on = np.where(self.times[at] == time, self.sigmas[at], np.exp(np.interp(time, self.times, self.log_sigmas)))
         if self.times[0] <= 0:
             return on
         return np.where(time >= self.times[0], on, self.sigmas[0] * np.maximum(time, 0.0) / self.times[0])
