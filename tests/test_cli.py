@@ -153,11 +153,11 @@ def test_help_says_what_the_tool_does(capsys: pytest.CaptureFixture[str]) -> Non
     assert main(["--help"]) == 0
     text = capsys.readouterr().out
     assert "Few-step TCD" in text and "diffusion and flow-matching models" in text
-    for command in ("schedule", "generate", "distill", "demo"):
+    for command in ("schedule", "generate", "distill", "train", "demo", "demo-2d", "digits"):
         assert any(line.strip().startswith(f"{command} ") for line in text.splitlines()), command
 
 
-@pytest.mark.parametrize("command", ["schedule", "generate", "distill", "demo"])
+@pytest.mark.parametrize("command", ["schedule", "generate", "distill", "train", "demo", "demo-2d", "digits"])
 def test_command_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main([command, "--help"]) == 0
     assert f"usage: tcd-sampler {command}" in capsys.readouterr().out
@@ -193,6 +193,9 @@ def test_command_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
         (["distill", "--output", "d", "--method", "cm"], ["argument --method", "invalid choice: 'cm'"]),
         (["distill"], ["required: --output"]),
         (["demo", "--samples", "0"], ["argument --samples"]),
+        (["demo", "--seeds", "-1"], ["argument --seeds"]),
+        (["demo-2d", "--samples", "0"], ["argument --samples"]),
+        (["digits", "paint", "--output", "d"], ["argument what", "invalid choice: 'paint'"]),
         (["schedule", "--steps", "0"], ["argument --steps"]),
         (["schedule", "--gamma", "-0.1"], ["argument --gamma"]),
     ],
@@ -528,6 +531,7 @@ def test_demo_output_problems(
     monkeypatch.setattr(tcd_sampler.evaluation.demo, "run_demo", no_demo)
     taken = tmp_path / "taken"
     taken.write_text("a regular file")
+    fails(["demo-2d", "--output-dir", str(taken)], capsys, "--output-dir", "is a file, not a folder")
     fails(["demo", "--output-dir", str(taken)], capsys, "--output-dir", "is a file, not a folder")
     monkeypatch.setattr(tcd_sampler.evaluation.demo, "load_student", no_demo)  # the library function checks first, too
     with pytest.raises(NotADirectoryError, match="is a file, not a folder"):

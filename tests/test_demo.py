@@ -1,4 +1,5 @@
-"""The main job end to end, on a small budget: every method runs, the table prints, the files are written."""
+"""The 2-D study (``tcd-sampler demo-2d``) end to end, on a small budget: every method runs, the table prints, the
+files are written."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ def test_demo_writes_its_files(tmp_path: Path, capsys: pytest.CaptureFixture[str
 
 
 def test_demo_command(tmp_path: Path) -> None:
-    assert main(["demo", "--output-dir", str(tmp_path), "--samples", "200", "--no-figure"]) == 0
+    assert main(["demo-2d", "--output-dir", str(tmp_path), "--samples", "200", "--no-figure"]) == 0
     assert (tmp_path / "demo.json").exists() and not (tmp_path / "demo.png").exists()
 
 

@@ -97,6 +97,22 @@ def test_the_loss_equals_a_float64_reference(method: str, prediction_type: str, 
     assert all(p.grad is None for p in teacher.parameters()) and all(p.grad is None for p in target.parameters())
 
 
+@pytest.mark.parametrize("method", ["tcd", "lcm"])
+def test_guidance_off_is_the_conditional_teacher_alone(method: str) -> None:
+    objective = Objective(method=method, guidance_min=1.0, guidance_max=1.0)
+    path, _ = teacher_path(SD_CONFIG)
+    teacher = _unet(cross_attention_dim=16).double()
+    student, target = perturbed(teacher, 1), perturbed(teacher, 2)
+    z, cond, uncond = sd_batch(torch.float64)
+    d = draw(objective, 1000, tuple(z.shape), torch.Generator().manual_seed(3))
+    assert bool((d.omega == 1.0).all())
+    ours = batch_loss(objective, path, "epsilon", student, target, teacher, z, cond, None, d)  # no uncond needed
+    ref = reference_loss(objective, path.alphas_cumprod, "epsilon", student, target, teacher, z, cond, uncond, d)
+    assert math.isclose(ours.item(), ref.item(), rel_tol=1e-10 if method == "tcd" else 1e-6)
+    with pytest.raises(ValueError, match="needs uncond"):
+        batch_loss(Objective(method=method), path, "epsilon", student, target, teacher, z, cond, None, d)
+
+
 def test_the_draws_follow_the_grid_and_the_guidance_range() -> None:
     objective = Objective(guidance_min=2.0, guidance_max=8.0)
     d = draw(objective, 1000, (4096, 1), torch.Generator().manual_seed(0))

@@ -200,7 +200,7 @@ def test_bad_arguments_and_bad_data_stop_before_a_model_loads(
     def no_loading(teacher: str) -> Any:
         raise AssertionError("the teacher was loaded")
 
-    monkeypatch.setattr(train_module, "_pipeline", no_loading)
+    monkeypatch.setattr(train_module, "load_pipeline", no_loading)
     data, pipeline = images(tmp_path), teacher(tmp_path)
     (tmp_path / "empty").mkdir()
     not_a_pipeline = tmp_path / "not-a-pipeline"
@@ -272,3 +272,37 @@ def test_an_unconditional_pixel_teacher_trains_without_captions(tmp_path: Path) 
     assert (Path(cfg.output) / "validation" / "step-00000002.png").is_file()
     with pytest.raises(ValueError, match="needs a UNet2DConditionModel"):
         train(config(tmp_path, t, str(data), output=str(tmp_path / "lora"), lora_rank=4), progress=False)
+
+
+@pytest.mark.parametrize("sdxl", [False, True])
+def test_cached_encodings_train_as_uncached_ones_with_fewer_encodings(tmp_path: Path, sdxl: bool) -> None:
+    """Each image's latents and each caption's embeddings (the empty prompt included) are computed once; the run
+    ends where an uncached one does (up to encoding in batches of another composition)."""
+    import transformers
+
+    t, data = teacher(tmp_path, sdxl), images(tmp_path, 4)
+    calls = {"text": 0}
+    real_forward = transformers.CLIPTextModel.forward
+
+    def counted(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls["text"] += 1
+        return real_forward(self, *args, **kwargs)
+
+    options = DataOptions(min_size=16, caption_dropout=0.5)
+    ends = {}
+    for cached in (False, True):
+        calls["text"] = 0
+        cfg = config(tmp_path, t, data, output=str(tmp_path / f"cached-{cached}"), steps=4, cache_encodings=cached,
+                     data_options=options, checkpoint_every=4)  # fmt: skip
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(transformers.CLIPTextModel, "forward", counted)
+            card = train(cfg, progress=False)
+        ends[cached] = (weights(cfg.output), card["losses"], calls["text"])
+    assert ends[True][1] == pytest.approx(ends[False][1], rel=1e-5)  # the same losses, step by step
+    # Adam turns rounding noise in near-zero gradients into steps of up to lr (1e-3): the weights agree to that
+    for key, value in ends[False][0].items():
+        torch.testing.assert_close(ends[True][0][key], value, rtol=0, atol=1e-3)
+    # uncached: the captions and the empty prompt every step; cached: each distinct text once
+    assert ends[True][2] < ends[False][2] and ends[True][2] <= 2 * 5
+    with pytest.raises(ValueError, match="cache_encodings needs fixed crops"):
+        config(tmp_path, t, data, cache_encodings=True, data_options=DataOptions(random_flip=True))

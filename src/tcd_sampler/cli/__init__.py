@@ -2,9 +2,12 @@
 
 - ``tcd-sampler schedule`` prints, for each requested number of steps, the timesteps of a TCD loop, the target ``s``
   of every step and its coefficients (``α_t, σ_t, α_s, σ_s`` and the re-noising scales), for a given ``gamma``.
-- ``tcd-sampler demo`` (what ``make demo`` runs) samples the shipped TCD and LCM students and the exact teacher at
-  1–8 NFE and prints, plots and saves the metrics (see :mod:`tcd_sampler.evaluation.demo`).
-- ``tcd-sampler distill`` trains a student with TCD (or LCM) distillation (see :mod:`tcd_sampler.distill`).
+- ``tcd-sampler demo`` (what ``make demo`` runs) samples the shipped digits teacher and its TCD and LCM students at
+  1–8 NFE and prints, plots and saves FID, class accuracy, precision and recall (see
+  :mod:`tcd_sampler.evaluation.digits.demo`); ``tcd-sampler demo-2d`` is the 2-D study with an exact teacher (see
+  :mod:`tcd_sampler.evaluation.demo`); ``tcd-sampler digits`` prepares the digits models' ingredients.
+- ``tcd-sampler distill`` trains a toy student with TCD (or LCM) distillation (see :mod:`tcd_sampler.distill`);
+  ``tcd-sampler train`` trains or distills a diffusers pipeline's UNet (:mod:`tcd_sampler.distill.train`).
 - ``tcd-sampler generate`` runs a diffusers model (local folder or Hub id, optionally with a LoRA) with TCD:
   text-to-image, image-to-image (``--image``) or inpainting (``--image`` and ``--mask``).
 
@@ -38,7 +41,8 @@ from .arguments import (
     strength,
     unit_float,
 )
-from .commands import _cmd_demo, _cmd_distill, _cmd_generate, _cmd_schedule
+from .commands import _cmd_distill, _cmd_generate, _cmd_schedule
+from .digits import add_demo_parsers
 from .train import add_train_parser
 
 __all__ = ["build_parser", "main", "version"]
@@ -46,7 +50,7 @@ __all__ = ["build_parser", "main", "version"]
 DESCRIPTION = (
     "Few-step TCD (Trajectory Consistency Distillation) sampling for diffusion and flow-matching models: print TCD "
     "schedules, generate images with diffusers models (Stable Diffusion, SDXL, LCM, SD3, FLUX; with a LoRA such as "
-    "h1t/TCD-SDXL-LoRA), distill a toy student, and run the demo."
+    "h1t/TCD-SDXL-LoRA), distill a toy student, train TCD students of diffusers models, and run the demo."
 )
 
 EPILOG = """\
@@ -55,7 +59,10 @@ commands:
   generate  generate an image with a diffusers model and TCD sampling (text-to-image, img2img, inpainting)
   distill   distill a student from the exact toy teacher with TCD (or LCM)
   train     distill a diffusers pipeline's UNet with TCD (or LCM), LoRA or full, on accelerate
-  demo      the main job: TCD vs LCM vs the teacher on a toy model at 1-8 NFE, measured
+  demo      the main job: a digits model trained here, its TCD and LCM students and the teacher's solvers at
+            1-8 NFE, with FID, class accuracy, precision and recall
+  demo-2d   the 2-D study: TCD vs LCM vs the exact teacher on a toy model at 1-8 NFE
+  digits    prepare the digits models' ingredients (training data, untrained teacher, classifier)
 
 Run `tcd-sampler COMMAND --help` for a command's options. Errors: exit code 2 and one line on stderr."""
 
@@ -146,14 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_train_parser(sub)
 
-    demo = sub.add_parser("demo", description="the main job: TCD vs LCM vs the teacher on a toy model, measured")
-    demo.add_argument(
-        "--output-dir", default="demo_out", help="folder for demo.json and demo.png (created; default demo_out)"
-    )
-    demo.add_argument("--samples", type=positive_int, default=4000, help="samples per method and NFE (default 4000)")
-    demo.add_argument("--seed", type=seed, default=0, help="seed of the initial noise and data (default 0)")
-    demo.add_argument("--no-figure", action="store_true", help="skip the PNG (no matplotlib needed)")
-    demo.set_defaults(func=_cmd_demo)
+    add_demo_parsers(sub)
     return parser
 
 

@@ -115,7 +115,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    """``tcd-sampler demo``: the main job (:func:`tcd_sampler.evaluation.demo.run_demo`) into ``--output-dir``."""
+    """``tcd-sampler demo-2d``: the 2-D study (:func:`tcd_sampler.evaluation.demo.run_demo`) into ``--output-dir``."""
     needed = {"ot": "pot", "scipy": "scipy", "safetensors": "safetensors"}
     if not args.no_figure:
         needed["matplotlib"] = "matplotlib (or pass --no-figure)"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ..distill.train_config import TRACKERS
 from .arguments import guidance, multiple_of_8, non_negative_int, positive_int, seed, unit_float
 
 __all__ = ["add_train_parser"]
@@ -21,7 +22,12 @@ def add_train_parser(sub: Any) -> None:
     p.add_argument("--teacher", required=True, help="the teacher pipeline: a local folder or a Hub id")
     p.add_argument("--data", required=True, help="an image folder with caption files, or with a metadata.jsonl")
     p.add_argument("--output", required=True, help="the run's folder: checkpoints/, card.json (created if missing)")
-    p.add_argument("--method", choices=["tcd", "lcm"], default="tcd", help="distillation method (default tcd)")
+    p.add_argument(
+        "--method",
+        choices=["tcd", "lcm", "diffusion"],
+        default="tcd",
+        help="tcd or lcm distillation, or diffusion: train the teacher itself (default tcd)",
+    )
     p.add_argument("--lora-rank", type=non_negative_int, default=64, help="LoRA rank; 0 trains the full UNet (64)")
     p.add_argument("--lora-alpha", type=positive_int, help="LoRA alpha (default: the rank)")
     p.add_argument("--resolution", type=multiple_of_8, default=512, help="training image side (default 512)")
@@ -42,6 +48,10 @@ def add_train_parser(sub: Any) -> None:
     p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no", help="(default no)")
     p.add_argument("--caption-dropout", type=unit_float, default=0.1, help="empty-caption rate for CFG (0.1)")
     p.add_argument("--seed", type=seed, default=0, help="seed of the data order and every draw (default 0)")
+    p.add_argument("--log-with", choices=sorted(TRACKERS), help="an accelerate tracker for the loss curve "
+                   "(tensorboard: event files in OUTPUT/logs)")  # fmt: skip
+    p.add_argument("--cache-encodings", action="store_true", help="encode each image and caption once, kept in "
+                   "memory (center crops, no flip)")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
 
@@ -59,7 +69,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         lora_alpha=args.lora_alpha, resolution=args.resolution, batch_size=args.batch_size, steps=args.steps,
         lr=args.lr, ema_decay=args.ema_decay, checkpoint_every=args.checkpoint_every, resume=args.resume,
         mixed_precision=args.mixed_precision, seed=args.seed, gradient_accumulation=args.gradient_accumulation,
-        validation_every=args.validation_every, validation_prompts=prompts,
+        validation_every=args.validation_every, validation_prompts=prompts, log_with=args.log_with,
+        cache_encodings=args.cache_encodings,
         data_options=DataOptions(resolution=args.resolution, caption_dropout=args.caption_dropout, seed=args.seed),
     )  # fmt: skip
     card = train(config, progress=not args.no_progress)

@@ -9,6 +9,12 @@
    (:func:`tcd_sampler.core.step.consistency_jump`, the sampler's own step), ``d`` pseudo-Huber or L2.
 
 It is :func:`tcd_sampler.distill.losses.distillation_loss` — the 2-D demo's loss — on diffusers UNets.
+
+The method ``"diffusion"`` is the ordinary denoising objective that trains a teacher in the first place (DDPM's, on
+the same schedule): ``t`` uniform over ``0 … T − 1``, ``x_t = α_t·z + σ_t·ε``, and the mean squared error of the
+network's output against its prediction type's target (``ε``; ``α_t·ε − σ_t·z`` for v-prediction; ``z`` for
+``sample``). It has no teacher, no target network and no guidance (class or caption dropout in the data gives a
+model that classifier-free guidance can use).
 """
 
 from __future__ import annotations
@@ -25,7 +31,10 @@ from ..core.paths.base import working_dtype
 from .losses import DISTANCES, METHODS, ConsistencyFunction, distillation_loss, guided, target_times
 from .teachers import Conditioning, network
 
-__all__ = ["Draws", "Objective", "batch_loss", "draw"]
+__all__ = ["OBJECTIVES", "Draws", "Objective", "batch_loss", "draw"]
+
+#: The methods of an :class:`Objective`: the two distillations and the teacher's own training.
+OBJECTIVES = (*METHODS, "diffusion")
 
 
 @dataclass(frozen=True)
@@ -33,10 +42,12 @@ class Objective:
     """The objective's settings.
 
     Attributes:
-        method: ``"tcd"`` (default: jumps to ``t_m ≤ t_n``) or ``"lcm"`` (jumps to the clean end with LCM's boundary
-            condition).
+        method: ``"tcd"`` (default: jumps to ``t_m ≤ t_n``), ``"lcm"`` (jumps to the clean end with LCM's boundary
+            condition) or ``"diffusion"`` (train a diffusion model itself: the denoising loss, see the module's
+            docstring; ``skip``, the guidance range, ``distance`` and ``huber_c`` are unused).
         skip: ``k``, the DDPM timesteps between ``t_n`` and ``t_{n+k}`` (the grid's spacing). Default 20.
         guidance_min, guidance_max: the range of the guidance scale ``ω``. Defaults 3 and 15 (the guide's, LCM's).
+            Both 1: no guidance (the teacher's conditional output alone, one forward).
         distance: ``"huber"`` (default, ``c = huber_c``), ``"l2"`` or ``"l2_sum"``.
         huber_c: the pseudo-Huber ``c``. Default 0.001.
         timestep_scaling: LCM's boundary-condition scaling. Default 10.
@@ -51,7 +62,7 @@ class Objective:
     timestep_scaling: float = 10.0
 
     def __post_init__(self) -> None:
-        check_choice("method", self.method, METHODS)
+        check_choice("method", self.method, OBJECTIVES)
         check_int("skip", self.skip, 1)
         check_number("guidance_min", self.guidance_min, 0.0, math.inf)
         check_number("guidance_max", self.guidance_max, self.guidance_min, math.inf)
@@ -79,6 +90,10 @@ class Draws:
 def draw(objective: Objective, num_train_timesteps: int, shape: tuple[int, ...], generator: torch.Generator) -> Draws:
     """The draws of a global batch of latents of ``shape`` (batch first) from ``generator``, in a fixed order."""
     batch, k = shape[0], objective.skip
+    if objective.method == "diffusion":  # t uniform over the schedule; no grid, no target, no guidance
+        t = torch.randint(0, num_train_timesteps, (batch,), generator=generator)
+        noise = torch.randn(shape, generator=generator)
+        return Draws(t, t, t, torch.ones(batch, dtype=torch.float64), noise)
     points = num_train_timesteps // k  # grid points k·i − 1, i = 1 … points
     if points < 2:
         raise ValueError(f"skip={k} leaves fewer than 2 grid points of num_train_timesteps={num_train_timesteps}")
@@ -101,7 +116,7 @@ def batch_loss(
     teacher: Any,
     latents: torch.Tensor,
     cond: Conditioning,
-    uncond: Conditioning,
+    uncond: Conditioning | None,
     draws: Draws,
 ) -> torch.Tensor:
     """The loss of one (local) batch.
@@ -117,16 +132,30 @@ def batch_loss(
         cond, uncond: the condition and the empty condition (for guidance) of the batch.
         draws: this batch's draws (:func:`draw`, sliced to the local rows).
 
-    Returns the scalar loss; gradients reach only ``student``.
+    Returns the scalar loss; gradients reach only ``student``. With ``objective.method == "diffusion"`` the
+    denoising loss of ``student`` alone (``target``, ``teacher`` and ``uncond`` are unused and may be None).
     """
     device, dtype = latents.device, latents.dtype
     t, t_n, t_m = (v.to(device) for v in (draws.t, draws.t_n, draws.t_m))
     work = working_dtype(dtype)  # half-precision latents are noised in float32 and rounded once
     alpha, sigma = path.alpha_sigma(t, dtype=work)
     shape = (-1,) + (1,) * (latents.ndim - 1)
-    x = (alpha.reshape(shape) * latents.to(work) + sigma.reshape(shape) * draws.noise.to(device, work)).to(dtype)
+    alpha, sigma, noise = alpha.reshape(shape), sigma.reshape(shape), draws.noise.to(device, work)
+    x = (alpha * latents.to(work) + sigma * noise).to(dtype)
+    if objective.method == "diffusion":
+        goal = {"epsilon": noise, "v_prediction": alpha * noise - sigma * latents.to(work)}.get(prediction_type)
+        if goal is None and prediction_type != "sample":
+            raise ValueError(f"the diffusion objective trains epsilon, v_prediction or sample, not {prediction_type!r}")
+        out = network(student, cond)(x, t).to(work)
+        return torch.nn.functional.mse_loss(out, latents.to(work) if goal is None else goal)
     f = ConsistencyFunction(path, objective.method, objective.timestep_scaling, prediction_type)
-    guided_teacher = guided(network(teacher, cond), network(teacher, uncond), draws.omega.to(device))  # no grad there
+    if objective.guidance_min == objective.guidance_max == 1.0:  # ω = 1 throughout: no guidance, one teacher forward
+        guided_teacher = network(teacher, cond)
+    elif uncond is None:
+        raise ValueError("distillation with guidance needs uncond, the unconditional input of the teacher")
+    else:
+        omega = draws.omega.to(device)
+        guided_teacher = guided(network(teacher, cond), network(teacher, uncond), omega)  # no grad there
     return distillation_loss(
         f, network(student, cond), network(target, cond), guided_teacher, x, t, t_n, t_m,
         objective.distance, objective.huber_c,

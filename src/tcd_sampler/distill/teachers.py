@@ -16,7 +16,15 @@ from ..core.paths import VPDiscrete
 from ..core.predictions import PREDICTION_TYPES
 from ..core.schedules import make_betas, rescale_zero_terminal_snr
 
-__all__ = ["Conditioning", "network", "teacher_path"]
+__all__ = [
+    "Conditioning",
+    "check_class_captions",
+    "class_labels",
+    "conditions",
+    "encode_latents",
+    "network",
+    "teacher_path",
+]
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -97,3 +105,97 @@ def teacher_path(scheduler_config: Mapping[str, Any]) -> tuple[VPDiscrete, str]:
     if c.get("rescale_betas_zero_snr"):
         betas = rescale_zero_terminal_snr(betas)
     return VPDiscrete.from_betas(betas), prediction_type
+
+
+def check_class_captions(captions: list[str], null_class: int, what: str = "sample") -> None:
+    """ValueError unless every caption is a class label of a class-conditional teacher: an integer in
+    ``[0, null_class − 1]`` (the last embedding, ``null_class``, is classifier-free guidance's "no class");
+    ``what`` names the captions' owners in the message."""
+    for index, caption in enumerate(captions):
+        text = caption.strip()
+        if not (text.isascii() and text.isdigit() and int(text) < null_class):
+            raise ValueError(
+                f"the teacher is class-conditional ({null_class} classes and a null class): every caption must be a "
+                f"class label in [0, {null_class - 1}], but {what} {index}'s is {caption!r}"
+            )
+
+
+def class_labels(captions: list[str], null_class: int, device: Any = None) -> torch.Tensor:
+    """The class labels of ``captions`` (an empty caption, dropped for guidance, is ``null_class``), int64 ``(B,)``."""
+    values = [int(c) if c.strip() else null_class for c in captions]
+    return torch.tensor(values, dtype=torch.int64, device=device)
+
+
+TextCache = dict[str, tuple[torch.Tensor, "torch.Tensor | None"]]
+
+
+def _encode(pipe: Any, captions: list[str], device: Any, cache: TextCache) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The text embeddings (and SDXL's pooled ones) of ``captions``, each distinct caption encoded once: the missing
+    ones in one batch, kept in ``cache`` on the CPU."""
+    missing = sorted({c for c in captions if c not in cache})
+    if missing:
+        if hasattr(pipe, "text_encoder_2"):
+            embeds, _, pooled, _ = pipe.encode_prompt(missing, device=device, do_classifier_free_guidance=False)
+        else:
+            embeds, pooled = pipe.encode_prompt(missing, device, 1, False)[0], None
+        for j, caption in enumerate(missing):
+            cache[caption] = (embeds[j].cpu(), None if pooled is None else pooled[j].cpu())
+    embeds = torch.stack([cache[c][0] for c in captions]).to(device)
+    pooled_rows = [cache[c][1] for c in captions]
+    pooled = None if pooled_rows[0] is None else torch.stack(pooled_rows).to(device)  # type: ignore[arg-type]
+    return embeds, pooled
+
+
+def _cached_text(pipe: Any, captions: list[str], device: Any, cache: TextCache) -> tuple[Any, Any, Any, Any]:
+    """What ``encode_prompt`` returns for ``captions`` with guidance (SDXL: zeros as the unconditional input with
+    ``force_zeros_for_empty_prompt``, else the empty prompt's encoding; SD: the empty prompt's), from ``cache``."""
+    embeds, pooled = _encode(pipe, captions, device, cache)
+    if hasattr(pipe, "text_encoder_2") and pipe.config.get("force_zeros_for_empty_prompt", True):
+        assert pooled is not None
+        return embeds, torch.zeros_like(embeds), pooled, torch.zeros_like(pooled)
+    neg, neg_pooled = _encode(pipe, [""] * len(captions), device, cache)
+    return embeds, neg, pooled, neg_pooled
+
+
+def conditions(pipe: Any, captions: list[str], batch: dict[str, Any], device: Any, unconditional: bool = True,
+               cache: TextCache | None = None) -> tuple[Conditioning, Conditioning | None]:  # fmt: skip
+    """The conditions of ``captions`` and the empty condition (None unless ``unconditional``): text embeddings (and
+    SDXL's added conditions, from ``batch``'s sizes) for a text-to-image pipeline; class labels for a
+    class-conditional ``UNet2DModel`` (the captions are the labels; the null class is the last embedding); nothing
+    for an unconditional one. With ``cache`` (a dict kept across steps) each distinct caption is encoded once."""
+    with torch.no_grad():
+        if not hasattr(pipe, "encode_prompt"):
+            classes = getattr(pipe.unet.config, "num_class_embeds", None)
+            if not classes:  # an unconditional UNet2DModel: no text, no guidance
+                return Conditioning(), Conditioning() if unconditional else None
+            labels = class_labels(captions, classes - 1, device)
+            return Conditioning(class_labels=labels), (
+                Conditioning(class_labels=torch.full_like(labels, classes - 1)) if unconditional else None
+            )
+        if hasattr(pipe, "text_encoder_2"):  # SDXL
+            # no negative prompt: the pipeline's own unconditional input (zeros with force_zeros_for_empty_prompt)
+            if cache is None:
+                embeds, neg, pooled, neg_pooled = pipe.encode_prompt(captions, device=device)
+            else:
+                embeds, neg, pooled, neg_pooled = _cached_text(pipe, captions, device, cache)
+            r = batch["resolution"] if "resolution" in batch else batch["pixel_values"].shape[-1]
+            sizes = zip(batch["original_size"], batch["crop_top_left"], strict=True)
+            ids = torch.tensor([[*o, *c, r, r] for o, c in sizes], dtype=embeds.dtype, device=device)
+            return (
+                Conditioning(embeds, {"text_embeds": pooled, "time_ids": ids}),
+                Conditioning(neg, {"text_embeds": neg_pooled, "time_ids": ids}),
+            )
+        if cache is None:
+            embeds, neg = pipe.encode_prompt(captions, device, 1, unconditional, [""] * len(captions))
+        else:
+            embeds, neg, _, _ = _cached_text(pipe, captions, device, cache)
+        return Conditioning(embeds), Conditioning(neg) if unconditional else None
+
+
+def encode_latents(pipe: Any, pixels: torch.Tensor) -> torch.Tensor:
+    """The data latents ``z`` of ``pixels`` (the VAE's scaled mode), or the pixels themselves for a pixel-space
+    teacher (no VAE)."""
+    if getattr(pipe, "vae", None) is None:
+        return pixels
+    with torch.no_grad():
+        return pipe.vae.encode(pixels.to(pipe.vae.dtype)).latent_dist.mode() * pipe.vae.config.scaling_factor

@@ -13,11 +13,11 @@ folder and renamed, every ``checkpoint_every`` steps.
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
+import importlib.util
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -25,106 +25,18 @@ import torch
 from tqdm.auto import tqdm
 
 from ..schedulers.config_file import looks_local
+from .cache import EncodingCache
 from .checkpoints import load_checkpoint, save_checkpoint
 from .data import DataOptions, ImageCaptionDataset, collate
-from .export import save_full_student, save_lora, scheduler_settings, write_card
+from .export import save_full_student, save_lora, save_pixel_pipeline, scheduler_settings, write_card
 from .losses import ema_update
+from .models import Run, TeacherFacts, build_models, load_pipeline, place, teacher_facts
 from .objective import batch_loss, draw
-from .teachers import Conditioning, teacher_path
-from .train_config import TrainConfig
+from .teachers import Conditioning, check_class_captions, conditions, encode_latents, teacher_path
+from .train_config import TRACKERS, TrainConfig
 from .validation import validation_grid
 
 __all__ = ["TrainConfig", "train"]
-
-LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-
-
-@dataclass
-class _Run:
-    """The models and the optimizer of a run."""
-
-    student: Any
-    target: Any
-    teacher: Any
-    optimizer: Any
-    trainable: list[torch.nn.Parameter]
-
-
-def _pipeline(teacher: str) -> Any:
-    from diffusers import DiffusionPipeline
-
-    pipe = DiffusionPipeline.from_pretrained(teacher)
-    if not hasattr(pipe, "unet"):
-        raise ValueError(f"teacher {teacher} is a {type(pipe).__name__}, not a UNet pipeline")
-    return pipe
-
-
-def _place(pipe: Any, run: _Run, accelerator: Any) -> None:
-    """Move the frozen models to the run's device and, with mixed precision, cast the teacher and the text encoders
-    to its dtype (the VAE stays float32: SDXL's overflows in float16; the target stays float32, as the student)."""
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(str(accelerator.mixed_precision))
-    pipe.to(accelerator.device)
-    if dtype is not None:
-        run.teacher.to(dtype)
-        for name in ("text_encoder", "text_encoder_2"):
-            if getattr(pipe, name, None) is not None:
-                getattr(pipe, name).to(dtype)
-    if run.target is not run.student:
-        run.target.to(accelerator.device)
-
-
-def _text_conditioned(teacher: str) -> bool | None:
-    """Whether a local teacher pipeline has a text encoder (its ``model_index.json``); None where it cannot be read
-    before loading (a Hub id)."""
-    index = Path(teacher).expanduser() / "model_index.json"
-    if not index.is_file():
-        return None
-    return "text_encoder" in json.loads(index.read_text(encoding="utf-8"))
-
-
-def _models(config: TrainConfig, pipe: Any) -> _Run:
-    teacher = pipe.unet.requires_grad_(False).eval()
-    student = copy.deepcopy(teacher)
-    if config.lora_rank:
-        from peft import LoraConfig
-
-        torch.manual_seed(config.seed)  # the LoRA's initial weights
-        alpha = config.lora_alpha or config.lora_rank
-        student.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=alpha, init_lora_weights="gaussian",
-                                       target_modules=list(LORA_TARGETS)))  # fmt: skip
-        target = student  # its own target: evaluated without gradients
-    else:
-        student.requires_grad_(True)
-        target = copy.deepcopy(teacher)
-    trainable = [p for p in student.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.lr)
-    return _Run(student.train(), target, teacher, optimizer, trainable)
-
-
-def _conditions(pipe: Any, captions: list[str], batch: dict[str, Any], device: Any) -> tuple[Any, Any]:
-    """The text conditions (and SDXL's added ones) of ``captions`` and of the empty prompt."""
-    with torch.no_grad():
-        if not hasattr(pipe, "encode_prompt"):  # an unconditional UNet2DModel: no text, no guidance
-            return Conditioning(), Conditioning()
-        if hasattr(pipe, "text_encoder_2"):  # SDXL
-            # no negative prompt: the pipeline's own unconditional input (zeros with force_zeros_for_empty_prompt)
-            embeds, neg, pooled, neg_pooled = pipe.encode_prompt(captions, device=device)
-            r = batch["pixel_values"].shape[-1]
-            sizes = zip(batch["original_size"], batch["crop_top_left"], strict=True)
-            ids = torch.tensor([[*o, *c, r, r] for o, c in sizes], dtype=embeds.dtype, device=device)
-            return (
-                Conditioning(embeds, {"text_embeds": pooled, "time_ids": ids}),
-                Conditioning(neg, {"text_embeds": neg_pooled, "time_ids": ids}),
-            )
-        embeds, neg = pipe.encode_prompt(captions, device, 1, True, [""] * len(captions))
-        return Conditioning(embeds), Conditioning(neg)
-
-
-def _latents(pipe: Any, pixels: torch.Tensor) -> torch.Tensor:
-    if getattr(pipe, "vae", None) is None:  # a pixel-space teacher: the images themselves
-        return pixels
-    with torch.no_grad():
-        return pipe.vae.encode(pixels.to(pipe.vae.dtype)).latent_dist.mode() * pipe.vae.config.scaling_factor
 
 
 def _order(n: int, step: int, batch: int, seed: int) -> list[tuple[int, int]]:
@@ -146,23 +58,37 @@ def _sample(dataset: Any, index: int, epoch: int) -> Any:
 
 
 def _card(config: TrainConfig, teacher_config: Any, T: int, world: int, losses: list[float], prediction: str) -> Any:
-    """The run's card: its configuration, processes, losses, and how to sample the student (TCD at γ = 0.3 on the
-    distillation grid; an LCM student in the consistency-boundary mode at η = 1)."""
+    """The run's card: its configuration, processes, losses, and how to sample the result (a TCD student at γ = 0.3
+    on the distillation grid; an LCM student in the consistency-boundary mode at η = 1; a diffusion model at γ = 0,
+    DDIM, in 50 steps of a 50-point grid)."""
     extra: dict[str, Any] = {}
-    if config.objective.method == "lcm":
+    method = config.objective.method
+    if method == "lcm":
         extra = {"consistency_boundary": True, "timestep_scaling": config.objective.timestep_scaling}
-    scheduler = scheduler_settings(
-        teacher_config, eta=1.0 if extra else 0.3, original_inference_steps=T // config.objective.skip, **extra
-    )
+    if method == "diffusion":
+        scheduler = scheduler_settings(teacher_config, eta=0.0, num_inference_steps=50, original_inference_steps=50)
+    else:
+        scheduler = scheduler_settings(
+            teacher_config, eta=1.0 if extra else 0.3, original_inference_steps=T // config.objective.skip, **extra
+        )
     return {"config": json.loads(json.dumps(asdict(config), default=str)), "steps": config.steps, "processes": world,
             "losses": losses, "prediction_type": prediction, "scheduler": scheduler}  # fmt: skip
 
 
-def _save_student(student: Any, run: _Run, config: TrainConfig) -> None:
+def _pixel_pipeline(pipe: Any) -> bool:
+    """Whether the pipeline is nothing but a UNet and its scheduler (a pixel-space DDPMPipeline): its trained UNet
+    and its scheduler then make the output folder a complete pipeline."""
+    return set(pipe.components) <= {"unet", "scheduler"}
+
+
+def _save_student(pipe: Any, student: Any, run: Run, config: TrainConfig) -> None:
     """The usable result in ``config.output``: the LoRA (diffusers' and ComfyUI's formats), or the full student's
-    EMA target as a diffusers model folder (``unet/``)."""
-    if config.lora_rank:
+    (or the diffusion objective's) EMA target as a diffusers model folder (``unet/``) — with a pixel-space teacher,
+    plus the scheduler and ``model_index.json``, so that the output folder loads as a pipeline."""
+    if config.lora_rank and config.objective.method != "diffusion":
         save_lora(student, config.output)
+    elif _pixel_pipeline(pipe):
+        save_pixel_pipeline(pipe, run.target, config.output)
     else:
         save_full_student(run.target, Path(config.output) / "unet")
 
@@ -172,14 +98,14 @@ def _rows(tensor: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
 
 
 def _step(
-    config: TrainConfig, accelerator: Any, run: _Run, path: Any, prediction_type: str, latents: torch.Tensor,
-    cond: Conditioning, uncond: Conditioning, draws: Any,
+    config: TrainConfig, accelerator: Any, run: Run, path: Any, prediction_type: str, latents: torch.Tensor,
+    cond: Conditioning, uncond: Conditioning | None, draws: Any,
 ) -> torch.Tensor:  # fmt: skip
     """One optimizer step on this process's rows, in ``config.gradient_accumulation`` equal micro-batches (gradients
     synchronised across processes on the last); returns the rows' mean loss (detached)."""
     n = config.gradient_accumulation
     size = latents.shape[0] // n
-    target = run.target if config.lora_rank == 0 else accelerator.unwrap_model(run.student)
+    target = accelerator.unwrap_model(run.student) if run.target is run.student else run.target
     run.optimizer.zero_grad()
     total = torch.zeros((), device=latents.device)
     for j in range(n):
@@ -187,7 +113,7 @@ def _step(
         sync = contextlib.nullcontext() if j == n - 1 else accelerator.no_sync(run.student)
         with sync:
             part = functools.partial(_rows, lo=lo, hi=hi)
-            rows = (cond.map(part), uncond.map(part))
+            rows = (cond.map(part), None if uncond is None else uncond.map(part))
             with accelerator.autocast():
                 loss = batch_loss(config.objective, path, prediction_type, run.student, target, run.teacher,
                                   latents[lo:hi], *rows, draws.rows(lo, hi)) / n  # fmt: skip
@@ -196,9 +122,44 @@ def _step(
     if config.max_grad_norm:
         accelerator.clip_grad_norm_(run.trainable, config.max_grad_norm)
     run.optimizer.step()
-    if config.lora_rank == 0:
+    if run.target is not run.student:
         ema_update(run.target, accelerator.unwrap_model(run.student), config.ema_decay)
     return total
+
+
+def _check_teacher(config: TrainConfig, unet_class: str | None) -> None:
+    """ValueError for a LoRA on a UNet without attention projections, or a LoRA with the diffusion objective."""
+    if config.lora_rank and config.objective.method == "diffusion":
+        raise ValueError("the diffusion objective trains the whole UNet: pass --lora-rank 0")
+    if config.lora_rank and unet_class not in (None, "UNet2DConditionModel"):
+        raise ValueError(f"a LoRA student needs a UNet2DConditionModel teacher (this one is a {unet_class}); "
+                         "pass --lora-rank 0 to train it in full")  # fmt: skip
+
+
+def _data_options(config: TrainConfig, facts: TeacherFacts) -> DataOptions:
+    """The run's data options, fitted to a local teacher: no captions needed by an unconditional one, grey images
+    for a pixel-space one with one channel."""
+    options = asdict(config.data_options)
+    if facts.text is False and facts.num_class_embeds is None:  # an unconditional teacher: no captions
+        options["require_captions"] = False
+    if facts.latent is False and facts.in_channels == 1:
+        options["channels"] = 1
+    return DataOptions(**options)
+
+
+def _tracked_settings(config: TrainConfig) -> dict[str, Any]:
+    """The run's settings as flat scalars (what TensorBoard's hyper-parameters take)."""
+    flat: dict[str, Any] = {}
+
+    def add(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                add(f"{prefix}{key}.", item)
+        else:
+            flat[prefix[:-1]] = value if isinstance(value, (int, float, str, bool)) else str(value)
+
+    add("", asdict(config))
+    return flat
 
 
 def train(config: TrainConfig, progress: bool = True) -> dict[str, Any]:
@@ -209,11 +170,20 @@ def train(config: TrainConfig, progress: bool = True) -> dict[str, Any]:
     teacher = Path(config.teacher).expanduser()
     if (looks_local(config.teacher) or teacher.exists()) and not (teacher / "model_index.json").is_file():
         raise ValueError(f"teacher {config.teacher} is not a diffusers pipeline folder (no model_index.json)")
-    options = config.data_options
-    if _text_conditioned(config.teacher) is False:  # an unconditional teacher: captions are not needed
-        options = DataOptions(**{**asdict(options), "require_captions": False})
-    dataset = ImageCaptionDataset(config.data, options)  # scanned before any model loads
-    accelerator = Accelerator(mixed_precision=config.mixed_precision)
+    facts = teacher_facts(config.teacher)
+    if config.log_with and importlib.util.find_spec(TRACKERS[config.log_with]) is None:
+        raise ValueError(f"log_with={config.log_with!r} needs the {TRACKERS[config.log_with]} package: pip install it, "
+                         "or log nothing (the card keeps the loss curve)")  # fmt: skip
+    _check_teacher(config, facts.unet_class)
+    dataset = ImageCaptionDataset(config.data, _data_options(config, facts))  # scanned before any model loads
+    prompts = config.validation_prompts
+    if facts.null_class is not None:
+        check_class_captions([record.caption for record in dataset.records], facts.null_class)
+        if prompts == TrainConfig.validation_prompts:  # the default prompt: a row per class (at most 10)
+            prompts = tuple(str(label) for label in range(min(facts.null_class, 10)))
+        check_class_captions(list(prompts), facts.null_class, "validation prompt")
+    logs = str(Path(config.output) / "logs") if config.log_with else None
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, log_with=config.log_with, project_dir=logs)
     world, rank = accelerator.num_processes, accelerator.process_index
     if config.batch_size % world:
         raise ValueError(f"batch_size={config.batch_size} must be a multiple of the {world} processes")
@@ -221,33 +191,44 @@ def train(config: TrainConfig, progress: bool = True) -> dict[str, Any]:
     if local % config.gradient_accumulation:
         raise ValueError(f"each process's {local} rows must split into gradient_accumulation="
                          f"{config.gradient_accumulation} equal micro-batches")  # fmt: skip
-    pipe = _pipeline(config.teacher)
-    if config.lora_rank and type(pipe.unet).__name__ != "UNet2DConditionModel":
-        raise ValueError(f"a LoRA student needs a UNet2DConditionModel teacher (this one is a "
-                         f"{type(pipe.unet).__name__}); pass --lora-rank 0 to train it in full")  # fmt: skip
+    pipe = load_pipeline(config.teacher)
+    _check_teacher(config, type(pipe.unet).__name__)
     path, prediction_type = teacher_path(pipe.scheduler.config)
-    run = _models(config, pipe)  # the student and the target: float32 copies, made before the teacher is cast
-    _place(pipe, run, accelerator)
+    run = build_models(config, pipe)  # the student and the target: float32, made before the teacher is cast
+    place(pipe, run, accelerator)
     own_target = run.target is run.student
     scaler = accelerator.scaler  # fp16's gradient scaler (None otherwise): part of the state a resume restores
     start, losses = load_checkpoint(run.student, None if own_target else run.target, run.optimizer, config, scaler)
     student, optimizer = accelerator.prepare(run.student, run.optimizer)
+    if config.log_with:
+        accelerator.init_trackers("tcd-sampler", config=_tracked_settings(config))
     run.student, run.optimizer = student, optimizer
+    cache = EncodingCache(pipe, accelerator.device, config.resolution) if config.cache_encodings else None
     T = int(path.num_train_timesteps)
+    diffusion = config.objective.method == "diffusion"
     began = time.perf_counter()
-    bar = tqdm(range(start, config.steps), disable=not (progress and accelerator.is_main_process), desc="distill")
+    label = "train" if diffusion else "distill"
+    bar = tqdm(range(start, config.steps), disable=not (progress and accelerator.is_main_process), desc=label)
     for step in bar:
         rows = _order(len(dataset), step, config.batch_size, config.seed)[rank * local : (rank + 1) * local]
-        batch = collate([_sample(dataset, index, epoch) for index, epoch in rows])
-        latents = _latents(pipe, batch["pixel_values"].to(accelerator.device))
-        cond, uncond = _conditions(pipe, batch["caption"], batch, accelerator.device)
+        if cache is None:
+            batch = collate([_sample(dataset, index, epoch) for index, epoch in rows])
+            latents = encode_latents(pipe, batch["pixel_values"].to(accelerator.device))
+        else:
+            latents, batch = cache.batch(dataset, rows)
+        text = None if cache is None else cache.text
+        cond, uncond = conditions(pipe, batch["caption"], batch, accelerator.device, diffusion is False, text)
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
         draws = draw(config.objective, T, (config.batch_size, *latents.shape[1:]), generator)
         draws = draws.rows(rank * local, (rank + 1) * local)
         loss = _step(config, accelerator, run, path, prediction_type, latents, cond, uncond, draws)
         mean_loss = accelerator.reduce(loss, reduction="mean").item()
         losses.append(mean_loss)
-        bar.set_postfix(loss=f"{mean_loss:.4g}", it_s=f"{(step + 1 - start) / (time.perf_counter() - began):.2f}")
+        rate = (step + 1 - start) / (time.perf_counter() - began)
+        bar.set_postfix(loss=f"{mean_loss:.4g}", it_s=f"{rate:.2f}")
+        if config.log_with:
+            accelerator.log({"loss": mean_loss, "steps_per_second": rate,
+                             "images_per_second": rate * config.batch_size}, step=step + 1)  # fmt: skip
         done = step + 1
         if (config.checkpoint_every and done % config.checkpoint_every == 0) or done == config.steps:
             if accelerator.is_main_process:
@@ -261,10 +242,14 @@ def train(config: TrainConfig, progress: bool = True) -> dict[str, Any]:
         ):
             card = _card(config, pipe.scheduler.config, T, world, losses, prediction_type)
             grid = Path(config.output) / "validation" / f"step-{done:08d}.png"
-            validation_grid(pipe, accelerator.unwrap_model(student), card, config.validation_prompts, grid)
+            validation_grid(pipe, accelerator.unwrap_model(student), card, prompts, grid)
     card = _card(config, pipe.scheduler.config, T, world, losses, prediction_type)
+    card["this_run"] = {"first_step": start, "seconds": round(time.perf_counter() - began, 1),
+                        "device": str(accelerator.device), "torch_threads": torch.get_num_threads()}  # fmt: skip
     if accelerator.is_main_process:
-        _save_student(accelerator.unwrap_model(student), run, config)
+        _save_student(pipe, accelerator.unwrap_model(student), run, config)
         write_card(config.output, card)
     accelerator.wait_for_everyone()
+    if config.log_with:
+        accelerator.end_training()
     return card

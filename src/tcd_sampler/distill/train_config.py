@@ -5,11 +5,15 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..core.checks import check_choice, check_int, check_number
+from ..core.checks import check_bool, check_choice, check_int, check_number
 from .data import DataOptions
 from .objective import Objective
 
-__all__ = ["TrainConfig"]
+__all__ = ["TRACKERS", "TrainConfig"]
+
+#: The accelerate trackers a run can log to, with the module each needs.
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "aim": "aim", "comet_ml": "comet_ml",
+            "clearml": "clearml", "dvclive": "dvclive"}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,13 @@ class TrainConfig:
         validation_prompts: the grid's prompts. Default one astronaut.
         max_grad_norm: clip the gradient norm to this (0: no clipping). Default 1.0 (LCM's).
         seed: seeds the data order, the draws and the LoRA's initialisation. Default 0.
+        log_with: an accelerate tracker that receives the loss and the throughput every step and the settings once
+            (``"tensorboard"``: event files under ``<output>/logs``; also ``"wandb"``, ``"mlflow"``, ``"aim"``,
+            ``"comet_ml"``, ``"clearml"``, ``"dvclive"``), checked to be installed before any model loads. Default
+            None: no tracker (the card keeps the loss curve anyway).
+        cache_encodings: encode each image's latents and each caption's text embeddings once and keep them in CPU
+            memory (:mod:`tcd_sampler.distill.cache`); needs fixed crops (``crop="center"``, no flip). Default
+            False.
         data_options: how images are cropped and bad data handled (its resolution is replaced by ``resolution``).
     """
 
@@ -62,6 +73,8 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     seed: int = 0
     data_options: DataOptions = field(default_factory=DataOptions)
+    log_with: str | None = None
+    cache_encodings: bool = False
 
     def __post_init__(self) -> None:
         for name in ("teacher", "data", "output"):
@@ -83,6 +96,12 @@ class TrainConfig:
         object.__setattr__(self, "validation_prompts", tuple(self.validation_prompts))
         check_number("max_grad_norm", self.max_grad_norm, 0.0, float("inf"))
         check_int("seed", self.seed, 0)
+        check_bool("cache_encodings", self.cache_encodings)
+        if self.cache_encodings and (self.data_options.crop != "center" or self.data_options.random_flip):
+            raise ValueError("cache_encodings needs fixed crops (crop='center', random_flip=False): a random crop or "
+                             "flip changes an image's latents every epoch")  # fmt: skip
+        if self.log_with is not None:
+            check_choice("log_with", self.log_with, tuple(TRACKERS))
         object.__setattr__(self, "data_options", _with_resolution(self.data_options, self.resolution))
 
     def fingerprint(self) -> dict[str, Any]:

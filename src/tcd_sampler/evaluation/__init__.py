@@ -1,8 +1,10 @@
-"""Measuring samplers and students against an exact teacher.
+"""Measuring samplers and students: on real images (the digits), and against an exact teacher (the 2-D study).
 
 - :mod:`~tcd_sampler.evaluation.metrics`: sample-quality metrics against a known Gaussian mixture (sliced W2,
   mode-weight total variation, sharpness) and :func:`evaluate`, all three at once.
-- :mod:`~tcd_sampler.evaluation.demo`: the main job (``tcd-sampler demo`` / ``make demo``): the shipped TCD and
+- :mod:`~tcd_sampler.evaluation.digits`: the main job (``tcd-sampler demo`` / ``make demo``): a digits model trained
+  here and its TCD and LCM students against the teacher's solvers, FID and friends in a digit classifier's features.
+- :mod:`~tcd_sampler.evaluation.demo`: the 2-D study (``tcd-sampler demo-2d``): the shipped TCD and
   LCM students and the exact teacher at 1–8 NFE from the same noise, as a table, ``demo.json`` and ``demo.png``.
 """
 

@@ -1,4 +1,5 @@
-"""The main job (``tcd-sampler demo`` / ``make demo``): TCD sampling of a real TCD-distilled model, measured.
+"""The 2-D study (``tcd-sampler demo-2d``; the main job before the digits): TCD sampling of a TCD-distilled model
+whose teacher is exact, measured.
 
 On the 2-D ring of :func:`tcd_sampler.distill.teacher.ring2d`, at NFE 1, 2, 4 and 8 from the same initial noise:
 

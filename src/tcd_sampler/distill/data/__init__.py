@@ -17,7 +17,8 @@ Sources (:func:`detect_source` tells them apart; ``source=`` selects one explici
 Every sample becomes ``{"pixel_values", "caption", "original_size", "crop_top_left"}``: the image in RGB (EXIF
 orientation applied), its shorter side resized to ``resolution`` (as torchvision's ``Resize(resolution)``),
 optionally flipped, then center- or randomly cropped to ``resolution`` × ``resolution`` (SDXL's training recipe:
-flip, then crop, the crop's corner measured in the flipped image), as a float32 tensor ``(3, R, R)`` in [-1, 1];
+flip, then crop, the crop's corner measured in the flipped image), as a float32 tensor ``(3, R, R)`` in [-1, 1]
+(grey ``(1, R, R)`` with ``channels=1``);
 ``original_size`` is ``(height, width)`` before the resize and ``crop_top_left`` is ``(top, left)`` in the resized
 image (SDXL's ``add_time_ids`` are ``original_size + crop_top_left + (R, R)``). The random crop, the flip and the
 caption dropout are drawn from a generator seeded by ``(seed, epoch, sample)``: the same for any number of workers

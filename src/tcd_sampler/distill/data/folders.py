@@ -103,6 +103,8 @@ def _metadata_candidates(root: Path, options: DataOptions, report: DataReport) -
                     report.record_bad("missing_caption", where, f"no '{column}'" if caption is None else "empty")
                     continue
                 caption = ""
+            if isinstance(caption, int) and not isinstance(caption, bool):  # a class label (HF's "label" column)
+                caption = str(caption)
             if not isinstance(caption, str):
                 report.record_bad("missing_caption", where, f"'{column}' is a {type(caption).__name__}, not text")
                 continue
@@ -201,6 +203,13 @@ class ImageCaptionDataset(Dataset[dict[str, Any]]):
 
     def __len__(self) -> int:
         return len(self.records)
+
+    def caption(self, index: int, epoch: int | None = None) -> str:
+        """Sample ``index``'s caption as ``__getitem__`` gives it in ``epoch`` (None: the current one), after the
+        caption dropout, without reading the image."""
+        index = range(len(self.records))[index]
+        draws = _draws(self.options.seed, self._epoch if epoch is None else epoch, index)
+        return "" if draws[3] < self.options.caption_dropout else self.records[index].caption
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         index = range(len(self.records))[index]  # out of range: IndexError, the Dataset protocol; -1 is the last

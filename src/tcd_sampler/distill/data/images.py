@@ -97,7 +97,10 @@ def _to_sample(image: PILImage, caption: str, options: DataOptions, draws: np.nd
     window = image.crop((x0, top, x0 + size, top + size))
     if flip:
         window = window.transpose(image_module.Transpose.FLIP_LEFT_RIGHT)
-    array = np.ascontiguousarray(np.asarray(window, dtype=np.uint8).transpose(2, 0, 1))
+    if options.channels == 1:
+        window = window.convert("L")
+    array = np.array(window, dtype=np.uint8)
+    array = np.ascontiguousarray(array[None] if array.ndim == 2 else array.transpose(2, 0, 1))
     pixels = torch.from_numpy(array).to(torch.float32).div_(127.5).sub_(1.0)
     return {
         "pixel_values": pixels,
@@ -111,11 +114,11 @@ def collate(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Batch samples of :class:`ImageCaptionDataset` or :class:`WebDatasetShards` (a DataLoader's ``collate_fn``).
 
     Args:
-        samples: the samples, each a dict with ``pixel_values`` ``(3, R, R)``, ``caption``, ``original_size`` and
+        samples: the samples, each a dict with ``pixel_values`` ``(C, R, R)``, ``caption``, ``original_size`` and
             ``crop_top_left``.
 
     Returns:
-        ``pixel_values`` stacked ``(B, 3, R, R)``, ``caption`` a list of B strings, ``original_size`` and
+        ``pixel_values`` stacked ``(B, C, R, R)``, ``caption`` a list of B strings, ``original_size`` and
         ``crop_top_left`` int64 tensors ``(B, 2)``.
 
     Raises:

@@ -41,6 +41,8 @@ class DataOptions:
             ``"bicubic"``, ``"lanczos"``, ``"nearest"``.
         seed: seeds the random crop, the flip and the caption dropout (with the epoch and the sample's index),
             and the order of shuffled shards; a non-negative integer. Default 0.
+        channels: 3 (default: RGB) or 1 (grey, for a pixel-space teacher with one input channel; the trainer sets it
+            from the teacher's ``in_channels``).
     """
 
     resolution: int = 512
@@ -53,6 +55,7 @@ class DataOptions:
     max_bad_fraction: float = 0.01
     interpolation: str = "bilinear"
     seed: int = 0
+    channels: int = 3
 
     def __post_init__(self) -> None:
         check_int("resolution", self.resolution, 8)
@@ -69,6 +72,8 @@ class DataOptions:
         check_number("max_bad_fraction", self.max_bad_fraction, 0.0, 1.0)
         check_choice("interpolation", self.interpolation, INTERPOLATIONS)
         check_int("seed", self.seed, 0)
+        if self.channels not in (1, 3) or isinstance(self.channels, bool):
+            raise ValueError(f"channels must be 1 (grey) or 3 (RGB), got {self.channels!r}")
 
     @property
     def min_side(self) -> int:

@@ -7,7 +7,8 @@ model folder, and the card (JSON) that says how to sample it.
   ``lora_adapter_metadata``, what ``pipe.load_lora_weights(folder)`` reads) and ``<name>_comfyui.safetensors``
   (kohya's ``lora_unet_*`` keys with ``.lora_down.weight``/``.lora_up.weight``/``.alpha``, which ComfyUI's LoRA
   loaders map; ComfyUI maps only some keys of diffusers' file), both written atomically.
-- :func:`save_full_student`: ``save_pretrained`` into a temporary folder, renamed into place.
+- :func:`save_full_student`: ``save_pretrained`` into a temporary folder, renamed into place;
+  :func:`save_pixel_pipeline`: that, the scheduler and ``model_index.json``, for a pixel-space pipeline.
 - :func:`write_card` / :func:`load_card` / :func:`scheduler_from_card`: the card, whose ``scheduler`` section
   (:func:`scheduler_settings`) is everything :class:`~tcd_sampler.TCDScheduler` needs to sample the student.
 
@@ -26,7 +27,7 @@ from .card import (
 )
 from .card import CARD_FORMAT_VERSION as CARD_FORMAT_VERSION  # re-exported, as before, though not in __all__
 from .lora import COMFYUI_SUFFIX, LORA_WEIGHT_NAME, comfyui_lora_path, lora_state_dicts, save_lora
-from .student import save_full_student
+from .student import save_full_student, save_pixel_pipeline
 
 __all__ = [
     "CARD_FORMAT",
@@ -40,6 +41,7 @@ __all__ = [
     "pipeline_kwargs",
     "save_full_student",
     "save_lora",
+    "save_pixel_pipeline",
     "scheduler_from_card",
     "scheduler_settings",
     "write_card",

@@ -5,15 +5,16 @@ diffusers and peft are imported when called.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..._files import folder_problem, replace_folder
+from ..._files import atomic_paths, folder_problem, replace_folder
 from ._models import _is_a, _unwrap
 from .card import CARD_NAME
 
@@ -82,4 +83,38 @@ def save_full_student(unet: ModelMixin | torch.nn.Module, output_dir: str | Path
         replace_folder(temp, target)
     finally:
         shutil.rmtree(temp, ignore_errors=True)
+    return target
+
+
+def save_pixel_pipeline(pipe: Any, unet: ModelMixin | torch.nn.Module, output_dir: str | Path) -> Path:
+    """Make ``output_dir`` a complete pixel-space pipeline (a ``DDPMPipeline``: ``unet/``, ``scheduler/``,
+    ``model_index.json``) with ``unet`` in place of ``pipe``'s UNet, so that ``DiffusionPipeline.from_pretrained(
+    output_dir)`` loads it (and it can teach the next run); other files in ``output_dir`` (checkpoints, the card) are
+    left alone. ``unet/`` is written by :func:`save_full_student`, the scheduler folder the same way, and
+    ``model_index.json`` last, atomically: a folder with the index is complete.
+
+    Args:
+        pipe: the pipeline, whose components must be only ``unet`` and ``scheduler``.
+        unet: the trained UNet (a diffusers model, no adapters).
+        output_dir: the folder (created if missing).
+
+    Raises:
+        ValueError: ``pipe`` has other components (a VAE or text encoders: save the UNet with
+            :func:`save_full_student`).
+    """
+    if not set(pipe.components) <= {"unet", "scheduler"}:
+        components = sorted(pipe.components)
+        raise ValueError(f"save_pixel_pipeline takes a pipeline of a UNet and a scheduler, not {components}")
+    target = Path(output_dir)
+    save_full_student(unet, target / "unet")
+    temp = Path(tempfile.mkdtemp(prefix=".scheduler.", suffix=".tmp", dir=target))
+    try:
+        pipe.scheduler.save_pretrained(temp)
+        replace_folder(temp, target / "scheduler")
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+    index = {key: list(value) if isinstance(value, tuple) else value for key, value in pipe.config.items()}
+    index["_class_name"] = type(pipe).__name__
+    with atomic_paths(target / "model_index.json") as (tmp,):
+        Path(tmp).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return target
