@@ -133,6 +133,9 @@ def test_a_teacher_trained_here_teaches_tcd_and_lcm_students(tmp_path: Path) -> 
     losses = card["losses"]
     assert sum(losses[-5:]) < sum(losses[:5])  # it learns
     assert card["scheduler"]["eta"] == 0.0 and card["this_run"]["first_step"] == 0
+    # the card records the settings the run used: grey images, a validation row per class
+    assert card["config"]["data_options"]["channels"] == 1
+    assert card["config"]["validation_prompts"] == ["0", "1", "2"]
     pipe = DiffusionPipeline.from_pretrained(cfg.output)  # the output folder is a pipeline
     assert type(pipe.unet).__name__ == "UNet2DModel" and pipe.unet.config.num_class_embeds == CLASSES + 1
     assert (Path(cfg.output) / "validation" / "step-00000030.png").is_file()
@@ -147,7 +150,10 @@ def test_a_teacher_trained_here_teaches_tcd_and_lcm_students(tmp_path: Path) -> 
         assert len(student_card["losses"]) == 4 and all(loss > 0 for loss in student_card["losses"])
         unet = UNet2DModel.from_pretrained(Path(student_cfg.output) / "unet")
         assert unet.config.num_class_embeds == CLASSES + 1
-        assert (Path(student_cfg.output) / "model_index.json").is_file()
+        index = json.loads((Path(student_cfg.output) / "model_index.json").read_text())
+        own = {"tcd": "TCDScheduler", "lcm": "LCMScheduler"}[method]  # the student's sampler, not DDPM's
+        assert index["scheduler"] == ["diffusers", own]
+        assert type(DiffusionPipeline.from_pretrained(student_cfg.output).scheduler).__name__ == own
     lcm = json.loads((tmp_path / "lcm" / "card.json").read_text())
     assert lcm["scheduler"]["config"]["consistency_boundary"] is True
 
@@ -230,4 +236,68 @@ def test_a_caption_after_dropout_is_known_without_the_image(tmp_path: Path) -> N
     for epoch in (0, 3):
         dataset.set_epoch(epoch)
         assert [dataset.caption(i, epoch) for i in range(12)] == [dataset[i]["caption"] for i in range(12)]
-    assert "" in [dataset.caption(i, 0) for i in range(12)] and dataset.caption(1, 0) in ("", "1")
+    assert "" in [dataset.caption(i, 0) for i in range(12)]  # dropout happens, and differs between epochs
+    assert [dataset.caption(i, 0) for i in range(12)] != [dataset.caption(i, 3) for i in range(12)]
+
+
+def labelled_shards(tmp: Path, shards: int = 2, per_shard: int = 5, bad: str | None = None) -> str:
+    """Webdataset shards of grey 8x8 images whose ``.txt`` is a class label (``bad`` replaces the last label)."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    folder = tmp / "shards"
+    folder.mkdir()
+    for s in range(shards):
+        with tarfile.open(folder / f"part-{s:03d}.tar", "w") as archive:
+            for i in range(per_shard):
+                n = s * per_shard + i
+                pixels = torch.zeros(8, 8, dtype=torch.uint8)
+                pixels[2 * (n % CLASSES) + 1] = 255
+                png = io.BytesIO()
+                Image.fromarray(pixels.numpy()).save(png, format="PNG")
+                label = bad if bad is not None and n == shards * per_shard - 1 else str(n % CLASSES)
+                for name, data in ((f"{n:05d}.png", png.getvalue()), (f"{n:05d}.txt", label.encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    archive.addfile(info, io.BytesIO(data))
+    return str(folder)
+
+
+def test_a_streamed_run_trains_and_resumes_bit_identical(tmp_path: Path) -> None:
+    teacher, shards = class_teacher(tmp_path), labelled_shards(tmp_path)
+    whole = run_config(tmp_path, teacher, shards, "whole", objective=Objective(method="diffusion"), steps=4)
+    card = train(whole, progress=False)
+    assert len(card["losses"]) == 4 and all(loss > 0 for loss in card["losses"])
+    first = run_config(tmp_path, teacher, shards, "cut", objective=Objective(method="diffusion"), steps=2,
+                       checkpoint_every=2)  # fmt: skip
+    train(first, progress=False)
+    resumed = TrainConfig(**{**first.__dict__, "steps": 4, "resume": "latest"})
+    again = train(resumed, progress=False)
+    assert again["this_run"]["first_step"] == 2 and again["losses"] == card["losses"]
+    ends = [torch.load(Path(c.output) / "checkpoints" / "step-00000004" / "state.pt", weights_only=False)["student"]
+            for c in (whole, resumed)]  # fmt: skip
+    assert ends[0].keys() == ends[1].keys() and all(torch.equal(ends[0][k], ends[1][k]) for k in ends[0])
+    with pytest.raises(ValueError, match="cache_encodings needs a folder source"):
+        train(run_config(tmp_path, teacher, shards, "cached", cache_encodings=True), progress=False)
+
+
+def test_a_streamed_bad_label_is_one_clear_error(tmp_path: Path) -> None:
+    teacher, shards = class_teacher(tmp_path), labelled_shards(tmp_path, bad="seven")
+    cfg = run_config(tmp_path, teacher, shards, "bad", objective=Objective(method="diffusion"), steps=3,
+                     batch_size=5)  # fmt: skip
+    with pytest.raises(ValueError, match=r"streamed sample \d+'s is 'seven'"):
+        train(cfg, progress=False)
+
+
+def test_a_checkpoint_is_not_resumed_against_a_retrained_teacher(tmp_path: Path) -> None:
+    from diffusers import UNet2DModel
+
+    teacher, data = class_teacher(tmp_path), labelled_images(tmp_path)
+    first = run_config(tmp_path, teacher, data, "run", steps=2, checkpoint_every=2)
+    train(first, progress=False)
+    class_unet(seed=5).save_pretrained(Path(teacher) / "unet")  # the same path, other weights
+    assert isinstance(UNet2DModel.from_pretrained(Path(teacher) / "unet"), UNet2DModel)
+    with pytest.raises(ValueError, match="teacher_unet differ"):
+        train(TrainConfig(**{**first.__dict__, "steps": 4, "resume": "latest"}), progress=False)

@@ -112,6 +112,7 @@ def test_the_demo_runs_end_to_end_on_a_tiny_budget(tmp_path: Path, capsys: pytes
     assert set(saved["summary"]["DDIM"]) == {"1", "2", "50"} and set(saved["summary"]["LCM"]) == {"1", "2"}
     assert len(saved["per_seed"]["LCM"]["1"]) == 2 and saved["seeds"] == [0, 1]
     assert saved["summary"] == json.loads(json.dumps(report["summary"]))
+    assert saved["train_split_vs_test"]["images"] == 20  # the baseline at the generated sets' size
     assert (tmp_path / "digits.png").stat().st_size > 10_000
     # one step draws no noise: every gamma gives the same images
     assert saved["per_seed"]["TCD γ=0"]["1"] == saved["per_seed"]["TCD γ=1"]["1"]

@@ -43,7 +43,12 @@ def add_demo_parsers(sub: Any) -> None:
                         help="data: the training split as an image folder; init-teacher: the untrained teacher "
                         "pipeline; classifier: train the metrics' classifier")  # fmt: skip
     digits.add_argument("--output", required=True, help="the folder to write (created if missing)")
-    digits.add_argument("--seed", type=seed, default=0, help="seed of the weights (default 0)")
+    digits.add_argument(
+        "--seed",
+        type=seed,
+        default=0,
+        help="seed of the weights (init-teacher, classifier; the data split is fixed) (default 0)",
+    )
     digits.set_defaults(func=_cmd_digits)
 
 

@@ -1,18 +1,21 @@
-"""TCD (or LCM) distillation of a diffusers text-to-image pipeline's UNet, LoRA or full, on accelerate.
+"""TCD (or LCM) distillation of a diffusers pipeline's UNet, LoRA or full, on accelerate — or, with the objective
+``diffusion``, the training of the teacher itself.
 
-:func:`train` loads the teacher pipeline, scans the data (folder sources, before any model loads), and runs the
-objective of :mod:`tcd_sampler.distill.objective` under an ``accelerate.Accelerator`` (one process, or many under
-``accelerate launch``: DDP, mixed precision, gradient accumulation). Every step is a function of the step number
-alone — the global batch is the step's slice of a seeded permutation of the data, its draws come from a generator
-seeded with ``(seed, step)`` and each process takes its rows of both — so a run with 2 processes ends with the
-weights of 1 process with the whole batch, and a run resumed from a checkpoint with those of an uninterrupted one.
-Checkpoints (the student's trainable weights, the EMA target, the optimizer, the step) are written to a temporary
-folder and renamed, every ``checkpoint_every`` steps.
+:func:`train` checks the settings, scans the data (folder sources, before any model loads; webdataset shards are
+streamed, :mod:`tcd_sampler.distill.batches`), loads the teacher pipeline and runs the objective of
+:mod:`tcd_sampler.distill.objective` under an ``accelerate.Accelerator`` (one process, or many under ``accelerate
+launch``: DDP, mixed precision, gradient accumulation, trackers). Every step is a function of the step number alone
+— the global batch is the step's slice of a seeded permutation of the data, its draws come from a generator seeded
+with ``(seed, step)`` and each process takes its rows of both — so a run with 2 processes ends with the weights of 1
+process with the whole batch, and a run resumed from a checkpoint with those of an uninterrupted one (a streamed
+run: the same resumed, not across process counts). Checkpoints (the student's trainable weights, the EMA target,
+the optimizer, the step) are written to a temporary folder and renamed, every ``checkpoint_every`` steps.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import importlib.util
 import json
@@ -25,36 +28,19 @@ import torch
 from tqdm.auto import tqdm
 
 from ..schedulers.config_file import looks_local
+from .batches import FolderBatches, StreamBatches
 from .cache import EncodingCache
 from .checkpoints import load_checkpoint, save_checkpoint
-from .data import DataOptions, ImageCaptionDataset, collate
+from .data import DataOptions, ImageCaptionDataset, detect_source
 from .export import save_full_student, save_lora, save_pixel_pipeline, scheduler_settings, write_card
 from .losses import ema_update
 from .models import Run, TeacherFacts, build_models, load_pipeline, place, teacher_facts
 from .objective import batch_loss, draw
-from .teachers import Conditioning, check_class_captions, conditions, encode_latents, teacher_path
+from .teachers import Conditioning, check_class_captions, conditions, teacher_path
 from .train_config import TRACKERS, TrainConfig
 from .validation import validation_grid
 
 __all__ = ["TrainConfig", "train"]
-
-
-def _order(n: int, step: int, batch: int, seed: int) -> list[tuple[int, int]]:
-    """The ``(dataset index, epoch)`` of each row of the global batch of ``step``: consecutive slices of a
-    permutation seeded per epoch."""
-    out: list[tuple[int, int]] = []
-    start = step * batch
-    while len(out) < batch:
-        epoch, offset = divmod(start + len(out), n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch)).tolist()
-        out.extend((i, epoch) for i in perm[offset : offset + batch - len(out)])
-    return out
-
-
-def _sample(dataset: Any, index: int, epoch: int) -> Any:
-    """Sample ``index`` as drawn in ``epoch`` (its random crop, flip and caption dropout are seeded by the epoch)."""
-    dataset.set_epoch(epoch)
-    return dataset[index]
 
 
 def _card(config: TrainConfig, teacher_config: Any, T: int, world: int, losses: list[float], prediction: str) -> Any:
@@ -81,14 +67,29 @@ def _pixel_pipeline(pipe: Any) -> bool:
     return set(pipe.components) <= {"unet", "scheduler"}
 
 
-def _save_student(pipe: Any, student: Any, run: Run, config: TrainConfig) -> None:
+def _student_scheduler(config: TrainConfig, pipe: Any, card: dict[str, Any]) -> Any:
+    """The sampler a pixel-space pipeline folder of the result holds: the teacher's own for a diffusion model,
+    diffusers' ``TCDScheduler`` on the card's grid for a TCD student, diffusers' ``LCMScheduler`` on it for an LCM
+    student."""
+    from diffusers import LCMScheduler, TCDScheduler
+
+    method, section = config.objective.method, card["scheduler"]["config"]
+    if method == "diffusion":
+        return pipe.scheduler
+    if method == "lcm":
+        grid = {k: section[k] for k in ("original_inference_steps", "timestep_scaling")}
+        return LCMScheduler.from_config(pipe.scheduler.config, **grid)
+    return TCDScheduler.from_config(pipe.scheduler.config, original_inference_steps=section["original_inference_steps"])
+
+
+def _save_student(pipe: Any, student: Any, run: Run, config: TrainConfig, card: dict[str, Any]) -> None:
     """The usable result in ``config.output``: the LoRA (diffusers' and ComfyUI's formats), or the full student's
     (or the diffusion objective's) EMA target as a diffusers model folder (``unet/``) — with a pixel-space teacher,
     plus the scheduler and ``model_index.json``, so that the output folder loads as a pipeline."""
     if config.lora_rank and config.objective.method != "diffusion":
         save_lora(student, config.output)
     elif _pixel_pipeline(pipe):
-        save_pixel_pipeline(pipe, run.target, config.output)
+        save_pixel_pipeline(pipe, run.target, config.output, _student_scheduler(config, pipe, card))
     else:
         save_full_student(run.target, Path(config.output) / "unet")
 
@@ -136,6 +137,18 @@ def _check_teacher(config: TrainConfig, unet_class: str | None) -> None:
                          "pass --lora-rank 0 to train it in full")  # fmt: skip
 
 
+def _check_labels(dataset: Any, prompts: tuple[str, ...], null_class: int) -> tuple[str, ...]:
+    """Check that every caption (of a scanned folder; a stream's are checked per batch) and validation prompt is a
+    class label of a class-conditional teacher; returns the validation prompts (the default prompt becomes a row
+    per class, at most 10)."""
+    if dataset is not None:
+        check_class_captions([record.caption for record in dataset.records], null_class)
+    if prompts == TrainConfig.validation_prompts:
+        prompts = tuple(str(label) for label in range(min(null_class, 10)))
+    check_class_captions(list(prompts), null_class, "validation prompt")
+    return prompts
+
+
 def _data_options(config: TrainConfig, facts: TeacherFacts) -> DataOptions:
     """The run's data options, fitted to a local teacher: no captions needed by an unconditional one, grey images
     for a pixel-space one with one channel."""
@@ -175,13 +188,15 @@ def train(config: TrainConfig, progress: bool = True) -> dict[str, Any]:
         raise ValueError(f"log_with={config.log_with!r} needs the {TRACKERS[config.log_with]} package: pip install it, "
                          "or log nothing (the card keeps the loss curve)")  # fmt: skip
     _check_teacher(config, facts.unet_class)
-    dataset = ImageCaptionDataset(config.data, _data_options(config, facts))  # scanned before any model loads
+    options = _data_options(config, facts)
+    streamed = detect_source(config.data) == "webdataset"
+    if streamed and config.cache_encodings:
+        raise ValueError("cache_encodings needs a folder source (it keeps encodings by image); stream shards uncached")
+    # a folder is scanned before any model loads; shards are checked as they stream
+    dataset = None if streamed else ImageCaptionDataset(config.data, options)
     prompts = config.validation_prompts
     if facts.null_class is not None:
-        check_class_captions([record.caption for record in dataset.records], facts.null_class)
-        if prompts == TrainConfig.validation_prompts:  # the default prompt: a row per class (at most 10)
-            prompts = tuple(str(label) for label in range(min(facts.null_class, 10)))
-        check_class_captions(list(prompts), facts.null_class, "validation prompt")
+        prompts = _check_labels(dataset, prompts, facts.null_class)
     logs = str(Path(config.output) / "logs") if config.log_with else None
     accelerator = Accelerator(mixed_precision=config.mixed_precision, log_with=config.log_with, project_dir=logs)
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -193,6 +208,10 @@ def train(config: TrainConfig, progress: bool = True) -> dict[str, Any]:
                          f"{config.gradient_accumulation} equal micro-batches")  # fmt: skip
     pipe = load_pipeline(config.teacher)
     _check_teacher(config, type(pipe.unet).__name__)
+    classes = getattr(pipe.unet.config, "num_class_embeds", None)
+    null_class = classes - 1 if classes and not hasattr(pipe, "encode_prompt") else None
+    if facts.null_class is None and null_class is not None:  # a Hub teacher: checked now
+        prompts = _check_labels(dataset, prompts, null_class)
     path, prediction_type = teacher_path(pipe.scheduler.config)
     run = build_models(config, pipe)  # the student and the target: float32, made before the teacher is cast
     place(pipe, run, accelerator)
@@ -203,21 +222,24 @@ def train(config: TrainConfig, progress: bool = True) -> dict[str, Any]:
     if config.log_with:
         accelerator.init_trackers("tcd-sampler", config=_tracked_settings(config))
     run.student, run.optimizer = student, optimizer
-    cache = EncodingCache(pipe, accelerator.device, config.resolution) if config.cache_encodings else None
+    device = accelerator.device
+    cache = EncodingCache(pipe, device, config.resolution) if config.cache_encodings else None
+    if dataset is None:
+        batches: Any = StreamBatches(config.data, options, pipe, device, rank, world, local, start, null_class)
+    else:
+        batches = FolderBatches(dataset, pipe, device, config.batch_size, config.seed, rank, local, cache)
+    text = None if cache is None else cache.text
     T = int(path.num_train_timesteps)
     diffusion = config.objective.method == "diffusion"
+    objective = config.objective
+    guided = not diffusion and not objective.guidance_min == objective.guidance_max == 1.0  # needs uncond
+    config = dataclasses.replace(config, data_options=options, validation_prompts=prompts)  # the effective ones
     began = time.perf_counter()
     label = "train" if diffusion else "distill"
     bar = tqdm(range(start, config.steps), disable=not (progress and accelerator.is_main_process), desc=label)
     for step in bar:
-        rows = _order(len(dataset), step, config.batch_size, config.seed)[rank * local : (rank + 1) * local]
-        if cache is None:
-            batch = collate([_sample(dataset, index, epoch) for index, epoch in rows])
-            latents = encode_latents(pipe, batch["pixel_values"].to(accelerator.device))
-        else:
-            latents, batch = cache.batch(dataset, rows)
-        text = None if cache is None else cache.text
-        cond, uncond = conditions(pipe, batch["caption"], batch, accelerator.device, diffusion is False, text)
+        latents, batch = batches(step)
+        cond, uncond = conditions(pipe, batch["caption"], batch, device, guided, text)
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
         draws = draw(config.objective, T, (config.batch_size, *latents.shape[1:]), generator)
         draws = draws.rows(rank * local, (rank + 1) * local)
@@ -242,12 +264,13 @@ def train(config: TrainConfig, progress: bool = True) -> dict[str, Any]:
         ):
             card = _card(config, pipe.scheduler.config, T, world, losses, prediction_type)
             grid = Path(config.output) / "validation" / f"step-{done:08d}.png"
-            validation_grid(pipe, accelerator.unwrap_model(student), card, prompts, grid)
+            shown = accelerator.unwrap_model(student) if own_target else run.target  # what is saved: the EMA
+            validation_grid(pipe, shown, card, prompts, grid)
     card = _card(config, pipe.scheduler.config, T, world, losses, prediction_type)
     card["this_run"] = {"first_step": start, "seconds": round(time.perf_counter() - began, 1),
                         "device": str(accelerator.device), "torch_threads": torch.get_num_threads()}  # fmt: skip
     if accelerator.is_main_process:
-        _save_student(pipe, accelerator.unwrap_model(student), run, config)
+        _save_student(pipe, accelerator.unwrap_model(student), run, config, card)
         write_card(config.output, card)
     accelerator.wait_for_everyone()
     if config.log_with:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ..core.checks import check_bool, check_choice, check_int, check_number
@@ -11,6 +13,7 @@ from .objective import Objective
 
 __all__ = ["TRACKERS", "TrainConfig"]
 
+MIB = 1 << 20
 #: The accelerate trackers a run can log to, with the module each needs.
 TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "aim": "aim", "comet_ml": "comet_ml",
             "clearml": "clearml", "dvclive": "dvclive"}  # fmt: skip
@@ -105,9 +108,31 @@ class TrainConfig:
         object.__setattr__(self, "data_options", _with_resolution(self.data_options, self.resolution))
 
     def fingerprint(self) -> dict[str, Any]:
-        """What a checkpoint must share with the run that resumes it."""
-        return {"teacher": self.teacher, "objective": asdict(self.objective), "lora_rank": self.lora_rank,
-                "lora_alpha": self.lora_alpha, "batch_size": self.batch_size, "seed": self.seed}  # fmt: skip
+        """What a checkpoint must share with the run that resumes it (the teacher by its path and, for a local
+        folder, its UNet's files: :func:`teacher_identity`)."""
+        return {"teacher": self.teacher, "teacher_unet": teacher_identity(self.teacher),
+                "objective": asdict(self.objective), "lora_rank": self.lora_rank, "lora_alpha": self.lora_alpha,
+                "batch_size": self.batch_size, "seed": self.seed}  # fmt: skip
+
+
+def teacher_identity(teacher: str) -> str | None:
+    """A digest of a local teacher's UNet (its ``config.json``, and each weights file's size, first and last MiB),
+    so that a checkpoint is not resumed against a retrained teacher of the same path; None for a Hub id."""
+    unet = Path(teacher).expanduser() / "unet"
+    if not unet.is_dir():
+        return None
+    digest = hashlib.sha256()
+    for path in sorted(unet.iterdir()):
+        if not path.is_file():
+            continue
+        size = path.stat().st_size
+        digest.update(f"{path.name}:{size}".encode())
+        with path.open("rb") as file:
+            digest.update(file.read(MIB))
+            if size > MIB:
+                file.seek(max(MIB, size - MIB))
+                digest.update(file.read(MIB))
+    return digest.hexdigest()[:16]
 
 
 def _with_resolution(options: DataOptions, resolution: int) -> DataOptions:

@@ -86,17 +86,21 @@ def save_full_student(unet: ModelMixin | torch.nn.Module, output_dir: str | Path
     return target
 
 
-def save_pixel_pipeline(pipe: Any, unet: ModelMixin | torch.nn.Module, output_dir: str | Path) -> Path:
+def save_pixel_pipeline(
+    pipe: Any, unet: ModelMixin | torch.nn.Module, output_dir: str | Path, scheduler: Any = None
+) -> Path:
     """Make ``output_dir`` a complete pixel-space pipeline (a ``DDPMPipeline``: ``unet/``, ``scheduler/``,
     ``model_index.json``) with ``unet`` in place of ``pipe``'s UNet, so that ``DiffusionPipeline.from_pretrained(
     output_dir)`` loads it (and it can teach the next run); other files in ``output_dir`` (checkpoints, the card) are
     left alone. ``unet/`` is written by :func:`save_full_student`, the scheduler folder the same way, and
-    ``model_index.json`` last, atomically: a folder with the index is complete.
+    ``model_index.json`` last, atomically (each part is whole; a crash between them can leave a new ``unet/`` beside
+    an older index).
 
     Args:
         pipe: the pipeline, whose components must be only ``unet`` and ``scheduler``.
         unet: the trained UNet (a diffusers model, no adapters).
         output_dir: the folder (created if missing).
+        scheduler: the scheduler to write (a distilled student's own sampler); default None: ``pipe``'s.
 
     Raises:
         ValueError: ``pipe`` has other components (a VAE or text encoders: save the UNet with
@@ -108,13 +112,15 @@ def save_pixel_pipeline(pipe: Any, unet: ModelMixin | torch.nn.Module, output_di
     target = Path(output_dir)
     save_full_student(unet, target / "unet")
     temp = Path(tempfile.mkdtemp(prefix=".scheduler.", suffix=".tmp", dir=target))
+    scheduler = pipe.scheduler if scheduler is None else scheduler
     try:
-        pipe.scheduler.save_pretrained(temp)
+        scheduler.save_pretrained(temp)
         replace_folder(temp, target / "scheduler")
     finally:
         shutil.rmtree(temp, ignore_errors=True)
     index = {key: list(value) if isinstance(value, tuple) else value for key, value in pipe.config.items()}
     index["_class_name"] = type(pipe).__name__
+    index["scheduler"] = [type(scheduler).__module__.split(".")[0], type(scheduler).__name__]
     with atomic_paths(target / "model_index.json") as (tmp,):
         Path(tmp).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return target

@@ -4,8 +4,9 @@ SDXL — FID, a class score, precision and recall at 1–8 NFE against LCM and t
 The shipped teacher (a class-conditional ``UNet2DModel`` trained here on scikit-learn's handwritten digits) and its
 TCD and LCM students (distilled by ``tcd-sampler train``; :mod:`.models`) sample the same class labels (0–9 in turn)
 from the same initial noise, seed by seed, at NFE 1, 2, 4 and 8: the TCD student with ``TCDScheduler`` at several
-gammas, the LCM student with diffusers' ``LCMScheduler``, the teacher with DDIM, DPM-Solver++ and Euler under
-classifier-free guidance, and the teacher's 50-step DDIM as the reference row. The metrics (:mod:`.metrics`) are in
+gammas, the LCM student with diffusers' ``LCMScheduler``, the teacher with DDIM, DPM-Solver++ and Euler (at the
+guidance scale chosen on the teacher alone, :data:`.models.GUIDANCE`), and the teacher's 50-step DDIM as the
+reference row. The metrics (:mod:`.metrics`) are in
 the feature space of the shipped digit classifier, against the test split. Writes ``digits.json`` (every number,
 per seed), ``digits.png`` (an image grid, method × NFE, same noise, and metric-vs-NFE curves) and prints the table.
 """
@@ -38,6 +39,16 @@ METRICS = {"fid": False, "accuracy": True, "precision": True, "recall": True}
 STEP_SEED_OFFSET = 1000
 #: Images per (method, NFE) kept for the figure's grid (seed 0's first, one per class).
 GRID_IMAGES = NUM_CLASSES
+
+
+def _balanced(labels: torch.Tensor, n: int) -> torch.Tensor:
+    """The indices of ``n`` images, the classes in turn as the generated sets (a fixed seeded draw in each class;
+    all of a class when it has fewer)."""
+    generator = torch.Generator().manual_seed(0)
+    members = [torch.nonzero(labels == c).flatten() for c in range(NUM_CLASSES)]
+    members = [m[torch.randperm(len(m), generator=generator)] for m in members]
+    counts = [len(range(c, n, NUM_CLASSES)) for c in range(NUM_CLASSES)]
+    return torch.cat([m[:count] for m, count in zip(members, counts, strict=True)])
 
 
 def _summary(values: list[float]) -> dict[str, float]:
@@ -78,12 +89,18 @@ def run_digits_demo(
     problem = folder_problem(out)
     if problem:
         raise NotADirectoryError(f"cannot write the demo's files into {out}: {problem}")
-    torch.manual_seed(0)
+    with torch.random.fork_rng():  # nothing here should draw from the global generator; if anything does, seeded
+        torch.manual_seed(0)
+        return _run(out, samples, seeds, nfes, figure, progress, models_root, start)
+
+
+def _run(out: Path, samples: int, seeds: tuple[int, ...], nfes: tuple[int, ...], figure: bool, progress: bool,
+         models_root: str | Path, start: float) -> dict[str, Any]:  # fmt: skip
     models = load_models(models_root)
     test = load_digits_split("test")
     metrics = DigitMetrics(models.classifier, test.images)
     methods = samplers(models, GAMMAS)
-    jobs = [(name, nfe) for name in methods for nfe in nfes] + [REFERENCE]
+    jobs = list(dict.fromkeys([(name, nfe) for name in methods for nfe in nfes] + [REFERENCE]))
     labels = torch.arange(samples) % NUM_CLASSES
     per_seed: dict[str, dict[int, list[dict[str, float]]]] = {}
     grid: dict[str, dict[int, torch.Tensor]] = {}
@@ -102,7 +119,9 @@ def run_digits_demo(
         name: {nfe: {key: _summary([run[key] for run in runs]) for key in METRICS} for nfe, runs in by_nfe.items()}
         for name, by_nfe in per_seed.items()
     }
-    data = metrics(load_digits_split("train").images, load_digits_split("train").labels)
+    train = load_digits_split("train")  # scored at the generated sets' size (FID and recall depend on it)
+    rows = _balanced(train.labels, samples)
+    data = metrics(train.images[rows], train.labels[rows])
     report = {
         "data": "scikit-learn digits (8x8), test split",
         "real_images": len(test),
@@ -113,7 +132,7 @@ def run_digits_demo(
         "guidance_scale": GUIDANCE,
         "summary": {n: {str(k): v for k, v in by.items()} for n, by in summary.items()},
         "per_seed": {n: {str(k): v for k, v in by.items()} for n, by in per_seed.items()},
-        "train_split_vs_test": data,
+        "train_split_vs_test": {**data, "images": int(rows.numel())},
         "students": {kind: card["config"] for kind, card in (("tcd", models.tcd_card), ("lcm", models.lcm_card))},
     }
     print(format_tables(summary, nfes, data))
@@ -149,6 +168,6 @@ def format_tables(summary: dict[str, dict[int, dict[str, dict[str, float]]]], nf
                              + " |" * (len(nfes) - 1))  # fmt: skip
                 continue
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
-        lines.append(f"| (training split) | {data[key]:.3g} |" + " |" * (len(nfes) - 1))
+        lines.append(f"| (training images, as many) | {data[key]:.3g} |" + " |" * (len(nfes) - 1))
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)

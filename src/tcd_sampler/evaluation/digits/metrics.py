@@ -22,15 +22,20 @@ __all__ = ["DigitMetrics", "precision_recall"]
 K = 3
 
 
+#: Rows of a distance matrix computed at once (memory: CHUNK × N distances).
+CHUNK = 1024
+
+
 def _radii(features: torch.Tensor, k: int) -> torch.Tensor:
     """The distance of each row to its k-th nearest other row."""
-    distances = torch.cdist(features, features)
-    return distances.kthvalue(k + 1, dim=1).values  # the 0th neighbour is the row itself
+    parts = [torch.cdist(rows, features).kthvalue(k + 1, dim=1).values for rows in features.split(CHUNK)]
+    return torch.cat(parts)  # (the 0th neighbour is the row itself)
 
 
 def _coverage(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor) -> float:
     """The share of ``points`` inside at least one ball (``centres``, ``radii``)."""
-    return float((torch.cdist(points, centres) <= radii[None, :]).any(dim=1).double().mean())
+    inside = [(torch.cdist(rows, centres) <= radii[None, :]).any(dim=1) for rows in points.split(CHUNK)]
+    return float(torch.cat(inside).double().mean())
 
 
 def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = K) -> tuple[float, float]:

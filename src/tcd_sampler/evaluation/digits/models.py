@@ -55,6 +55,9 @@ def load_models(root: str | Path = DIGITS_ASSETS) -> DigitModels:
     if missing:
         raise FileNotFoundError(f"the digits models in {root} lack {missing} (see docs/evaluation.md to train them)")
     teacher = DiffusionPipeline.from_pretrained(root / "teacher")
+    if not getattr(getattr(teacher, "unet", None), "config", {}).get("num_class_embeds"):
+        raise ValueError(f"the teacher in {root / 'teacher'} is not a class-conditional UNet2DModel pipeline "
+                         "(its unet has no num_class_embeds)")  # fmt: skip
     tcd, lcm = (UNet2DModel.from_pretrained(root / name / "unet").eval() for name in ("tcd", "lcm"))
     teacher.unet.eval()
     classifier = load_classifier(root / "classifier")
@@ -67,10 +70,12 @@ def _labels(labels: torch.Tensor) -> Conditioning:
 
 def samplers(models: DigitModels, gammas: tuple[float, ...], guidance: float = GUIDANCE) -> dict[str, Sampler]:
     """The compared samplers by name: ``TCD γ=…`` (the TCD student with :class:`TCDScheduler` from its card, one per
-    gamma), ``LCM`` (the LCM student with diffusers' ``LCMScheduler`` on its card's grid), and the teacher with
-    classifier-free guidance ``guidance`` under diffusers' ``DDIMScheduler``, ``DPMSolverMultistepScheduler``
-    (DPM-Solver++ 2M) and ``EulerDiscreteScheduler``, all three with trailing timestep spacing (the few-step
-    setting: leading spacing never reaches the noisiest step). The students take no guidance (it is distilled)."""
+    gamma), ``LCM`` (the LCM student with diffusers' ``LCMScheduler`` on its card's grid), and the teacher at
+    guidance scale ``guidance`` (the default :data:`GUIDANCE` is 1: its conditional output alone) under diffusers'
+    ``DDIMScheduler``, ``DPMSolverMultistepScheduler`` (DPM-Solver++ 2M) and ``EulerDiscreteScheduler``, all three
+    with trailing timestep spacing (the few-step setting: leading spacing never reaches the noisiest step). The
+    students take no guidance input (they were distilled at the guidance they would use; the shipped ones at ω = 1,
+    as the teacher's solvers run)."""
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, LCMScheduler
 
     teacher_config = models.teacher.scheduler.config
