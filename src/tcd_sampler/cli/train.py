@@ -50,6 +50,9 @@ def add_train_parser(sub: Any) -> None:
     p.add_argument("--seed", type=seed, default=0, help="seed of the data order and every draw (default 0)")
     p.add_argument("--log-with", choices=sorted(TRACKERS), help="an accelerate tracker for the loss curve "
                    "(tensorboard: event files in OUTPUT/logs)")  # fmt: skip
+    p.add_argument("--guidance-embedding", type=non_negative_int, default=0, metavar="DIM",
+                   help="condition a full student on the guidance scale (LCM's w-embedding; 256 as LCM): it then "
+                   "samples at any scale in the range without CFG (default 0: off)")  # fmt: skip
     p.add_argument("--cache-encodings", action="store_true", help="encode each image and caption once, kept in "
                    "memory (center crops, no flip)")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -63,7 +66,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     prompts = tuple(args.validation_prompts or TrainConfig.validation_prompts)
     objective = Objective(method=args.method, guidance_min=args.guidance_min, guidance_max=args.guidance_max,
-                          distance=args.loss)  # fmt: skip
+                          distance=args.loss, guidance_embedding_dim=args.guidance_embedding)  # fmt: skip
     config = TrainConfig(
         teacher=args.teacher, data=args.data, output=args.output, objective=objective, lora_rank=args.lora_rank,
         lora_alpha=args.lora_alpha, resolution=args.resolution, batch_size=args.batch_size, steps=args.steps,

@@ -111,7 +111,7 @@ def build_models(config: TrainConfig, pipe: Any) -> Run:
         trainable = list(student.parameters())
         return Run(student.train(), target, None, torch.optim.AdamW(trainable, lr=config.lr), trainable)
     teacher = pipe.unet.requires_grad_(False).eval()
-    student = copy.deepcopy(teacher)
+    student = _guidance_conditioned(teacher, config.objective.guidance_embedding_dim) or copy.deepcopy(teacher)
     if config.lora_rank:
         from peft import LoraConfig
 
@@ -122,10 +122,26 @@ def build_models(config: TrainConfig, pipe: Any) -> Run:
         target = student  # its own target: evaluated without gradients
     else:
         student.requires_grad_(True)
-        target = copy.deepcopy(teacher)
+        target = copy.deepcopy(student).requires_grad_(False)  # the EMA of the student (as it starts)
     trainable = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr)
     return Run(student.train(), target, teacher, optimizer, trainable)
+
+
+def _guidance_conditioned(teacher: Any, dim: int) -> Any:
+    """A copy of ``teacher`` that also takes a guidance-scale embedding of width ``dim`` (``time_cond_proj_dim``;
+    the new projection starts at zero, so the student starts as the teacher), or None when ``dim`` is 0."""
+    if not dim:
+        return None
+    if getattr(teacher.config, "time_cond_proj_dim", None) is not None:
+        raise ValueError("the teacher's UNet already takes a guidance embedding (time_cond_proj_dim); distill it "
+                         "with guidance_embedding_dim=0")  # fmt: skip
+    student = type(teacher).from_config({**teacher.config, "time_cond_proj_dim": dim})
+    missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
+    if unexpected or any(not name.startswith("time_embedding.cond_proj") for name in missing):
+        raise ValueError(f"the guidance-conditioned student does not take the teacher's weights ({missing[:3]})")
+    torch.nn.init.zeros_(student.time_embedding.cond_proj.weight)
+    return student.to(next(teacher.parameters()).dtype)
 
 
 def place(pipe: Any, run: Run, accelerator: Any) -> None:

@@ -19,6 +19,7 @@ model that classifier-free guidance can use).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -29,7 +30,7 @@ from ..core.checks import check_choice, check_int, check_number
 from ..core.paths import VPDiscrete
 from ..core.paths.base import working_dtype
 from .losses import DISTANCES, METHODS, ConsistencyFunction, distillation_loss, guided, target_times
-from .teachers import Conditioning, network
+from .teachers import Conditioning, guidance_embedding, network
 
 __all__ = ["OBJECTIVES", "Draws", "Objective", "batch_loss", "draw"]
 
@@ -51,6 +52,9 @@ class Objective:
         distance: ``"huber"`` (default, ``c = huber_c``), ``"l2"`` or ``"l2_sum"``.
         huber_c: the pseudo-Huber ``c``. Default 0.001.
         timestep_scaling: LCM's boundary-condition scaling. Default 10.
+        guidance_embedding_dim: a guidance-conditioned student (LCM's ``w``-embedding): the student and the target
+            take each sample's ``ω`` as ``timestep_cond`` (:func:`~tcd_sampler.distill.teachers.guidance_embedding`
+            of this width, their ``time_cond_proj_dim``); 0 (default): not conditioned.
     """
 
     method: str = "tcd"
@@ -60,6 +64,7 @@ class Objective:
     distance: str = "huber"
     huber_c: float = 0.001
     timestep_scaling: float = 10.0
+    guidance_embedding_dim: int = 0
 
     def __post_init__(self) -> None:
         check_choice("method", self.method, OBJECTIVES)
@@ -69,6 +74,9 @@ class Objective:
         check_choice("distance", self.distance, DISTANCES)
         check_number("huber_c", self.huber_c, 0.0, math.inf, low_open=True)
         check_number("timestep_scaling", self.timestep_scaling, 0.0, math.inf, low_open=True)
+        check_int("guidance_embedding_dim", self.guidance_embedding_dim, 0)
+        if self.guidance_embedding_dim == 1 or (self.guidance_embedding_dim and self.method == "diffusion"):
+            raise ValueError("guidance_embedding_dim must be 0 or at least 2, and 0 for the diffusion objective")
 
 
 @dataclass(frozen=True)
@@ -156,7 +164,11 @@ def batch_loss(
     else:
         omega = draws.omega.to(device)
         guided_teacher = guided(network(teacher, cond), network(teacher, uncond), omega)  # no grad there
+    conditioned = cond  # the student's and the target's condition: with the guidance scale, when they take it
+    if objective.guidance_embedding_dim:
+        w = guidance_embedding(draws.omega, objective.guidance_embedding_dim).to(device, work)
+        conditioned = dataclasses.replace(cond, timestep_cond=w)
     return distillation_loss(
-        f, network(student, cond), network(target, cond), guided_teacher, x, t, t_n, t_m,
+        f, network(student, conditioned), network(target, conditioned), guided_teacher, x, t, t_n, t_m,
         objective.distance, objective.huber_c,
     )  # fmt: skip

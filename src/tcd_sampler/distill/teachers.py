@@ -39,11 +39,14 @@ class Conditioning:
         added_cond_kwargs: SDXL's added conditions (``text_embeds`` ``(B, pooled)``, ``time_ids`` ``(B, 6)``); empty
             for SD1.5/SD2.1.
         class_labels: class labels ``(B,)`` of a class-conditional UNet; None otherwise.
+        timestep_cond: the guidance-scale embedding ``(B, time_cond_proj_dim)`` of a UNet with a
+            ``time_cond_proj_dim`` (a guidance-conditioned student, :func:`guidance_embedding`); None otherwise.
     """
 
     encoder_hidden_states: torch.Tensor | None = None
     added_cond_kwargs: dict[str, torch.Tensor] = field(default_factory=dict)
     class_labels: torch.Tensor | None = None
+    timestep_cond: torch.Tensor | None = None
 
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Conditioning:
         """The conditioning with ``fn`` applied to every tensor (slicing, moving, casting)."""
@@ -51,6 +54,7 @@ class Conditioning:
             None if self.encoder_hidden_states is None else fn(self.encoder_hidden_states),
             {k: fn(v) for k, v in self.added_cond_kwargs.items()},
             None if self.class_labels is None else fn(self.class_labels),
+            None if self.timestep_cond is None else fn(self.timestep_cond),
         )
 
 
@@ -78,6 +82,8 @@ def network(unet: Any, cond: Conditioning) -> Model:
             kwargs["added_cond_kwargs"] = cond.added_cond_kwargs
     if cond.class_labels is not None:
         kwargs["class_labels"] = cond.class_labels
+    if cond.timestep_cond is not None:
+        kwargs["timestep_cond"] = cond.timestep_cond
 
     def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return unet(x, t, return_dict=False, **kwargs)[0]
@@ -105,6 +111,20 @@ def teacher_path(scheduler_config: Mapping[str, Any]) -> tuple[VPDiscrete, str]:
     if c.get("rescale_betas_zero_snr"):
         betas = rescale_zero_terminal_snr(betas)
     return VPDiscrete.from_betas(betas), prediction_type
+
+
+def guidance_embedding(omega: torch.Tensor, dim: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The embedding ``(B, dim)`` of guidance scales ``omega`` ``(B,)`` (this package's ``m_u + ω·(m_c − m_u)``) that
+    a UNet with ``time_cond_proj_dim = dim`` takes as ``timestep_cond``: the sinusoidal embedding of ``(ω − 1)·1000``
+    (VDM's), what diffusers' pipelines compute from their ``guidance_scale`` for such a UNet, so a student trained
+    on it samples in them with ``guidance_scale = ω``."""
+    w = (omega.to(torch.float64) - 1.0) * 1000.0
+    half = dim // 2
+    scale = torch.log(torch.tensor(10000.0)) / (half - 1)
+    freqs = torch.exp(torch.arange(half, dtype=dtype) * -scale)
+    angles = w.to(dtype)[:, None] * freqs[None, :]
+    emb = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+    return torch.nn.functional.pad(emb, (0, 1)) if dim % 2 else emb
 
 
 def check_class_captions(captions: list[str], null_class: int, what: str = "sample") -> None:

@@ -54,9 +54,10 @@ def _card(config: TrainConfig, teacher_config: Any, T: int, world: int, losses: 
     if method == "diffusion":
         scheduler = scheduler_settings(teacher_config, eta=0.0, num_inference_steps=50, original_inference_steps=50)
     else:
-        scheduler = scheduler_settings(
-            teacher_config, eta=1.0 if extra else 0.3, original_inference_steps=T // config.objective.skip, **extra
-        )
+        objective = config.objective  # a guidance-conditioned student samples at the middle of its range
+        omega = (objective.guidance_min + objective.guidance_max) / 2 if objective.guidance_embedding_dim else None
+        scheduler = scheduler_settings(teacher_config, eta=1.0 if extra else 0.3, guidance_scale=omega,
+                                       original_inference_steps=T // objective.skip, **extra)  # fmt: skip
     return {"config": json.loads(json.dumps(asdict(config), default=str)), "steps": config.steps, "processes": world,
             "losses": losses, "prediction_type": prediction, "scheduler": scheduler}  # fmt: skip
 
@@ -132,6 +133,8 @@ def _check_teacher(config: TrainConfig, unet_class: str | None) -> None:
     """ValueError for a LoRA on a UNet without attention projections, or a LoRA with the diffusion objective."""
     if config.lora_rank and config.objective.method == "diffusion":
         raise ValueError("the diffusion objective trains the whole UNet: pass --lora-rank 0")
+    if config.objective.guidance_embedding_dim and unet_class not in (None, "UNet2DConditionModel"):
+        raise ValueError(f"a guidance embedding needs a UNet2DConditionModel teacher, not a {unet_class}")
     if config.lora_rank and unet_class not in (None, "UNet2DConditionModel"):
         raise ValueError(f"a LoRA student needs a UNet2DConditionModel teacher (this one is a {unet_class}); "
                          "pass --lora-rank 0 to train it in full")  # fmt: skip

@@ -100,6 +100,8 @@ class TrainConfig:
         check_number("max_grad_norm", self.max_grad_norm, 0.0, float("inf"))
         check_int("seed", self.seed, 0)
         check_bool("cache_encodings", self.cache_encodings)
+        if self.objective.guidance_embedding_dim and self.lora_rank:
+            raise ValueError("a guidance embedding (guidance_embedding_dim) needs a full student: lora_rank=0")
         if self.cache_encodings and (self.data_options.crop != "center" or self.data_options.random_flip):
             raise ValueError("cache_encodings needs fixed crops (crop='center', random_flip=False): a random crop or "
                              "flip changes an image's latents every epoch")  # fmt: skip

@@ -60,7 +60,8 @@ def validation_grid(pipe: Any, student: Any, card: dict[str, Any], prompts: tupl
             for steps in STEPS:
                 generator = torch.Generator().manual_seed(seed)
                 if hasattr(pipe, "encode_prompt"):
-                    out = pipe(prompt, num_inference_steps=steps, guidance_scale=1.0, generator=generator,
+                    guidance = card["scheduler"].get("guidance_scale") or 1.0  # a guidance-conditioned student's
+                    out = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, generator=generator,
                                output_type="pil")  # fmt: skip
                     image = out.images[0]
                 else:  # a pixel-space UNet2DModel: the prompt is a class label, or the row's name (unconditional)
