@@ -3,7 +3,7 @@
 The step is what ``tcd_sampler.distill.train.train`` does per optimizer step, minus accelerate's one-process
 wrappers and the data loading: ``zero_grad`` → ``batch_loss`` (noising, the teacher's two CFG passes and DDIM step,
 the target's consistency function, the student's) → ``backward`` → grad-norm clip (1.0) → AdamW step → the EMA
-update of the target (full students only). The models come from the trainer's own ``_models`` (LoRA rank 8 on the
+update of the target (full students only). The models come from the trainer's own ``build_models`` (LoRA rank 8 on the
 attention projections through peft's ``add_adapter``, or a full student with an EMA copy as its target).
 
 The floor is the model work that no implementation of the objective can skip, on the same models and inputs, timed
@@ -43,9 +43,10 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from tcd_sampler.distill.losses import ema_update
+from tcd_sampler.distill.models import build_models
 from tcd_sampler.distill.objective import Objective, batch_loss, draw
 from tcd_sampler.distill.teachers import Conditioning, teacher_path
-from tcd_sampler.distill.train import TrainConfig, _models
+from tcd_sampler.distill.train import TrainConfig
 
 SD_CONFIG = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "num_train_timesteps": 1000}
 LORA_RANK = 8
@@ -118,7 +119,7 @@ def setup(spec: Spec, lora: bool, device: torch.device) -> SimpleNamespace:
     teacher = build_unet(spec).to(device)
     config = TrainConfig(teacher="bench", data="bench", output="bench", lora_rank=LORA_RANK if lora else 0,
                          lr=1e-4 if lora else 1e-6, ema_decay=EMA_DECAY, max_grad_norm=MAX_GRAD_NORM)  # fmt: skip
-    run = _models(config, SimpleNamespace(unet=teacher))
+    run = build_models(config, SimpleNamespace(unet=teacher))
     student, target, optimizer, trainable = run.student, run.target, run.optimizer, run.trainable
     path, prediction_type = teacher_path(SD_CONFIG)
     objective = Objective()
