@@ -26,6 +26,15 @@ def _require(command: str, modules: dict[str, str], extra: str) -> None:
         raise ImportError(f"{PROG} {command} needs {', '.join(missing)}: pip install 'tcd-sampler[{extra}]'")
 
 
+def _demo_checks(command: str, needed: dict[str, str], args: argparse.Namespace) -> None:
+    """A demo's checks before it loads anything: its extras (and matplotlib unless ``--no-figure``), its
+    ``--output-dir``."""
+    if not args.no_figure:
+        needed = {**needed, "matplotlib": "matplotlib (or pass --no-figure)"}
+    _require(command, needed, "eval")
+    _check_output_folder("--output-dir", args.output_dir)
+
+
 def _check_output_folder(option: str, folder: str) -> None:
     """ValueError naming ``option`` when files cannot be written into ``folder`` (created if missing)."""
     problem = folder_problem(folder)
@@ -116,11 +125,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     """``tcd-sampler demo-2d``: the 2-D study (:func:`tcd_sampler.evaluation.demo.run_demo`) into ``--output-dir``."""
-    needed = {"ot": "pot", "scipy": "scipy", "safetensors": "safetensors"}
-    if not args.no_figure:
-        needed["matplotlib"] = "matplotlib (or pass --no-figure)"
-    _require("demo", needed, "eval")
-    _check_output_folder("--output-dir", args.output_dir)
+    _demo_checks("demo-2d", {"ot": "pot", "scipy": "scipy", "safetensors": "safetensors"}, args)
     from ..evaluation.demo import run_demo
 
     run_demo(args.output_dir, samples=args.samples, seed=args.seed, figure=not args.no_figure)

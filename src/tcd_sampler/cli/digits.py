@@ -8,7 +8,7 @@ import argparse
 from typing import Any
 
 from .arguments import positive_int, seed
-from .commands import _check_output_folder, _cmd_demo, _require
+from .commands import _check_output_folder, _cmd_demo, _demo_checks, _require
 
 __all__ = ["add_demo_parsers"]
 
@@ -53,11 +53,7 @@ def add_demo_parsers(sub: Any) -> None:
 
 
 def _cmd_digits_demo(args: argparse.Namespace) -> int:
-    needed = {"sklearn": "scikit-learn", "torchmetrics": "torchmetrics", "diffusers": "diffusers"}
-    if not args.no_figure:
-        needed["matplotlib"] = "matplotlib (or pass --no-figure)"
-    _require("demo", needed, "eval")
-    _check_output_folder("--output-dir", args.output_dir)
+    _demo_checks("demo", {"sklearn": "scikit-learn", "torchmetrics": "torchmetrics", "diffusers": "diffusers"}, args)
     from ..evaluation.digits.demo import run_digits_demo
     from ..evaluation.digits.models import DIGITS_ASSETS
 

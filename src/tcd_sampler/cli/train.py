@@ -16,8 +16,8 @@ def add_train_parser(sub: Any) -> None:
     """Add the ``train`` command to the subcommand parsers ``sub``."""
     p = sub.add_parser(
         "train",
-        description="distill a diffusers text-to-image pipeline's UNet with TCD (or LCM), LoRA or full; run it under "
-        "`accelerate launch` for several processes or GPUs",
+        description="distill a diffusers pipeline's UNet with TCD (or LCM), LoRA or full, or train it (--method "
+        "diffusion); run it under `accelerate launch` for several processes or GPUs",
     )
     p.add_argument("--teacher", required=True, help="the teacher pipeline: a local folder or a Hub id")
     p.add_argument("--data", required=True, help="an image folder with caption files, or with a metadata.jsonl")
