@@ -16,7 +16,7 @@ from diffusers import DDIMScheduler
 from tcd_sampler.distill.teachers import Conditioning
 from tcd_sampler.distill.unet_sampling import sample_unet
 from tcd_sampler.evaluation.digits.classifier import load_classifier
-from tcd_sampler.evaluation.digits.data import NUM_CLASSES, load_digits_split
+from tcd_sampler.evaluation.digits.data import NUM_CLASSES, load_digits_split, to_uint8
 from tcd_sampler.evaluation.digits.metrics import DigitMetrics
 from tcd_sampler.evaluation.digits.models import DIGITS_ASSETS
 
@@ -25,7 +25,7 @@ def write_grid(images: torch.Tensor, path: str) -> None:
     """Images ``(100, 1, 8, 8)`` (sample i of class i % 10) as a 10 x 10 grid, a row per class, enlarged 5x."""
     from PIL import Image
 
-    cells = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)[:, 0]
+    cells = torch.from_numpy(to_uint8(images))
     cells = torch.nn.functional.pad(cells, (1, 1, 1, 1))  # a background-coloured gap around each digit
     rows = [torch.cat([cells[c + 10 * j] for j in range(10)], dim=1) for c in range(10)]
     grid = 255 - torch.cat(rows, dim=0)  # dark ink on white, as the figure

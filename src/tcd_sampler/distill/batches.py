@@ -38,12 +38,6 @@ def _order(n: int, step: int, batch: int, seed: int) -> list[tuple[int, int]]:
     return out
 
 
-def _sample(dataset: Any, index: int, epoch: int) -> Any:
-    """Sample ``index`` as drawn in ``epoch`` (its random crop, flip and caption dropout are seeded by the epoch)."""
-    dataset.set_epoch(epoch)
-    return dataset[index]
-
-
 class FolderBatches:
     """The rows of each step from a scanned folder source.
 
@@ -67,7 +61,7 @@ class FolderBatches:
         rows = rows[self.rank * self.local : (self.rank + 1) * self.local]
         if self.cache is not None:
             return self.cache.batch(self.dataset, rows)
-        batch = collate([_sample(self.dataset, index, epoch) for index, epoch in rows])
+        batch = collate([self.dataset.sample(index, epoch) for index, epoch in rows])
         return encode_latents(self.pipe, batch["pixel_values"].to(self.device)), batch
 
 
@@ -90,7 +84,6 @@ class StreamBatches:
                                   repeat=True)  # fmt: skip
         self.pipe, self.device, self.local, self.null_class = pipe, device, local, null_class
         self.samples = iter(stream)
-        self.next_step = 0
         for _ in range(start * local):  # read again up to the resumed step: the same stream, the same rows
             next(self.samples)
         self.next_step = start

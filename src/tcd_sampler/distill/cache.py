@@ -40,11 +40,7 @@ class EncodingCache:
         missing = list(dict.fromkeys(index for index, _ in rows if index not in self.latents))
         if missing:
             epochs = dict(rows)
-            samples = []
-            for index in missing:
-                dataset.set_epoch(epochs[index])
-                samples.append(dataset[index])
-            fresh = collate(samples)
+            fresh = collate([dataset.sample(index, epochs[index]) for index in missing])
             encoded = encode_latents(self.pipe, fresh["pixel_values"].to(self.device)).cpu()
             for j, index in enumerate(missing):
                 self.latents[index] = encoded[j]

@@ -32,7 +32,7 @@ from .batches import FolderBatches, StreamBatches
 from .cache import EncodingCache
 from .checkpoints import load_checkpoint, save_checkpoint
 from .data import DataOptions, ImageCaptionDataset, detect_source
-from .export import save_full_student, save_lora, save_pixel_pipeline, scheduler_settings, write_card
+from .export import is_pixel_pipeline, save_full_student, save_lora, save_pixel_pipeline, scheduler_settings, write_card
 from .losses import ema_update
 from .models import Run, TeacherFacts, build_models, load_pipeline, place, teacher_facts
 from .objective import batch_loss, draw
@@ -62,12 +62,6 @@ def _card(config: TrainConfig, teacher_config: Any, T: int, world: int, losses: 
             "losses": losses, "prediction_type": prediction, "scheduler": scheduler}  # fmt: skip
 
 
-def _pixel_pipeline(pipe: Any) -> bool:
-    """Whether the pipeline is nothing but a UNet and its scheduler (a pixel-space DDPMPipeline): its trained UNet
-    and its scheduler then make the output folder a complete pipeline."""
-    return set(pipe.components) <= {"unet", "scheduler"}
-
-
 def _student_scheduler(config: TrainConfig, pipe: Any, card: dict[str, Any]) -> Any:
     """The sampler a pixel-space pipeline folder of the result holds: the teacher's own for a diffusion model,
     diffusers' ``TCDScheduler`` on the card's grid for a TCD student, diffusers' ``LCMScheduler`` on it for an LCM
@@ -89,7 +83,7 @@ def _save_student(pipe: Any, student: Any, run: Run, config: TrainConfig, card: 
     plus the scheduler and ``model_index.json``, so that the output folder loads as a pipeline."""
     if config.lora_rank and config.objective.method != "diffusion":
         save_lora(student, config.output)
-    elif _pixel_pipeline(pipe):
+    elif is_pixel_pipeline(pipe):  # its trained UNet and a scheduler make the output folder a whole pipeline
         save_pixel_pipeline(pipe, run.target, config.output, _student_scheduler(config, pipe, card))
     else:
         save_full_student(run.target, Path(config.output) / "unet")
@@ -155,12 +149,12 @@ def _check_labels(dataset: Any, prompts: tuple[str, ...], null_class: int) -> tu
 def _data_options(config: TrainConfig, facts: TeacherFacts) -> DataOptions:
     """The run's data options, fitted to a local teacher: no captions needed by an unconditional one, grey images
     for a pixel-space one with one channel."""
-    options = asdict(config.data_options)
+    options = config.data_options
     if facts.text is False and facts.num_class_embeds is None:  # an unconditional teacher: no captions
-        options["require_captions"] = False
+        options = dataclasses.replace(options, require_captions=False)
     if facts.latent is False and facts.in_channels == 1:
-        options["channels"] = 1
-    return DataOptions(**options)
+        options = dataclasses.replace(options, channels=1)
+    return options
 
 
 def _tracked_settings(config: TrainConfig) -> dict[str, Any]:

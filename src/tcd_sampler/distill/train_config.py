@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -107,7 +107,7 @@ class TrainConfig:
                              "flip changes an image's latents every epoch")  # fmt: skip
         if self.log_with is not None:
             check_choice("log_with", self.log_with, tuple(TRACKERS))
-        object.__setattr__(self, "data_options", _with_resolution(self.data_options, self.resolution))
+        object.__setattr__(self, "data_options", replace(self.data_options, resolution=self.resolution))
 
     def fingerprint(self) -> dict[str, Any]:
         """What a checkpoint must share with the run that resumes it (the teacher by its path and, for a local
@@ -135,7 +135,3 @@ def teacher_identity(teacher: str) -> str | None:
                 file.seek(max(MIB, size - MIB))
                 digest.update(file.read(MIB))
     return digest.hexdigest()[:16]
-
-
-def _with_resolution(options: DataOptions, resolution: int) -> DataOptions:
-    return DataOptions(**{**asdict(options), "resolution": resolution})

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .._files import atomic_paths
@@ -13,7 +14,7 @@ from .export import scheduler_from_card
 from .teachers import Conditioning, class_labels
 from .unet_sampling import sample_unet
 
-__all__ = ["STEPS", "to_images", "validation_grid"]
+__all__ = ["STEPS", "to_images", "to_uint8", "validation_grid"]
 
 #: The numbers of steps of a grid's columns.
 STEPS = (1, 2, 4, 8)
@@ -21,12 +22,16 @@ STEPS = (1, 2, 4, 8)
 MIN_CELL = 32
 
 
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """Samples ``x`` ``(B, C, H, W)`` in [-1, 1] (clipped) as uint8 pixels ``(B, H, W, C)``."""
+    return ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
 def to_images(x: torch.Tensor) -> list[Any]:
     """PIL images of samples ``x`` ``(B, C, H, W)`` in [-1, 1] (clipped; one channel: grey)."""
     from PIL import Image
 
-    array = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in array]
+    return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in to_uint8(x)]
 
 
 def _pixel_sample(pipe: Any, prompt: str, steps: int, generator: torch.Generator) -> Any:

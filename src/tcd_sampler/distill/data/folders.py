@@ -204,6 +204,12 @@ class ImageCaptionDataset(Dataset[dict[str, Any]]):
     def __len__(self) -> int:
         return len(self.records)
 
+    def sample(self, index: int, epoch: int) -> dict[str, Any]:
+        """Sample ``index`` as drawn in ``epoch`` (its random crop, flip and caption dropout), which becomes the
+        current epoch."""
+        self.set_epoch(epoch)
+        return self[index]
+
     def caption(self, index: int, epoch: int | None = None) -> str:
         """Sample ``index``'s caption as ``__getitem__`` gives it in ``epoch`` (None: the current one), after the
         caption dropout, without reading the image."""

@@ -27,7 +27,7 @@ from .card import (
 )
 from .card import CARD_FORMAT_VERSION as CARD_FORMAT_VERSION  # re-exported, as before, though not in __all__
 from .lora import COMFYUI_SUFFIX, LORA_WEIGHT_NAME, comfyui_lora_path, lora_state_dicts, save_lora
-from .student import save_full_student, save_pixel_pipeline
+from .student import is_pixel_pipeline, save_full_student, save_pixel_pipeline
 
 __all__ = [
     "CARD_FORMAT",
@@ -36,6 +36,7 @@ __all__ = [
     "LORA_WEIGHT_NAME",
     "SCHEDULE_KEYS",
     "comfyui_lora_path",
+    "is_pixel_pipeline",
     "load_card",
     "lora_state_dicts",
     "pipeline_kwargs",

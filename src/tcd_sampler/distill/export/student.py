@@ -86,6 +86,12 @@ def save_full_student(unet: ModelMixin | torch.nn.Module, output_dir: str | Path
     return target
 
 
+def is_pixel_pipeline(pipe: Any) -> bool:
+    """Whether ``pipe`` is nothing but a UNet and its scheduler (a pixel-space ``DDPMPipeline``), which
+    :func:`save_pixel_pipeline` writes whole."""
+    return set(pipe.components) <= {"unet", "scheduler"}
+
+
 def save_pixel_pipeline(
     pipe: Any, unet: ModelMixin | torch.nn.Module, output_dir: str | Path, scheduler: Any = None
 ) -> Path:
@@ -106,7 +112,7 @@ def save_pixel_pipeline(
         ValueError: ``pipe`` has other components (a VAE or text encoders: save the UNet with
             :func:`save_full_student`).
     """
-    if not set(pipe.components) <= {"unet", "scheduler"}:
+    if not is_pixel_pipeline(pipe):
         components = sorted(pipe.components)
         raise ValueError(f"save_pixel_pipeline takes a pipeline of a UNet and a scheduler, not {components}")
     target = Path(output_dir)

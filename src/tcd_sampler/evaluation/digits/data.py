@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from ..._files import atomic_paths
+from ...distill.validation import to_uint8 as pixels_uint8
 
 __all__ = ["NUM_CLASSES", "SPLIT_SEED", "TEST_FRACTION", "DigitSplit", "load_digits_split", "write_imagefolder"]
 
@@ -63,7 +64,7 @@ def load_digits_split(split: str) -> DigitSplit:
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """Images in [-1, 1] ``(N, 1, H, W)`` as uint8 ``(N, H, W)`` (the 17 levels stay distinct)."""
-    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).squeeze(1).numpy()
+    return pixels_uint8(images)[..., 0]
 
 
 def write_imagefolder(folder: str | Path, split: str = "train") -> Path:
