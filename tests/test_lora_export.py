@@ -48,6 +48,7 @@ from tiny_pipelines import sd, sdxl
 pytestmark = pytest.mark.filterwarnings("ignore:The configuration file of this scheduler:FutureWarning")
 
 # diffusers' LCM-LoRA scripts' default target modules: attention, feed-forward, and the convolutions
+# diffusers' LCM-LoRA scripts' list, the trainer's default (models.LORA_TARGETS is checked against it)
 LCM_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
                "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj"]  # fmt: skip
 RANK, ALPHA = 4, 8  # alpha != rank: a file that lost alpha would scale the LoRA by 1 instead of 2
@@ -258,6 +259,12 @@ def comfy_run(patcher: Any, inputs: dict[str, Any]) -> torch.Tensor:
         return patcher.model.diffusion_model(
             inputs["sample"], inputs["timestep"].to(inputs["sample"].dtype), context=inputs["encoder_hidden_states"]
         )
+
+
+def test_the_trainers_default_targets_are_lcm_loras() -> None:
+    from tcd_sampler.distill.models import LORA_TARGETS
+
+    assert list(LORA_TARGETS) == LCM_TARGETS
 
 
 def test_comfyui_maps_every_key(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

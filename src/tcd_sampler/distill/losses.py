@@ -126,10 +126,12 @@ def distance(pred: torch.Tensor, target: torch.Tensor, kind: str = "l2_sum", hub
 def guided(conditional: Model, unconditional: Model, omega: torch.Tensor) -> Model:
     """Classifier-free guidance of a teacher, ``m_u + ω·(m_c − m_u)`` with a guidance scale per sample ``omega``
     ``(B,)`` (the paper samples ``ω ~ U[ω_min, ω_max]``): a model ``(x, t) → m`` for :meth:`ConsistencyFunction.
-    teacher_step`."""
+    teacher_step`. Half-precision outputs are combined in float32 (``ω`` up to 15 multiplies their rounding)."""
 
     def teacher(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         m_c, m_u = conditional(x, t), unconditional(x, t)
+        if m_c.dtype in (torch.float16, torch.bfloat16):
+            m_c, m_u = m_c.float(), m_u.float()
         w = omega.to(m_c.dtype).reshape((-1,) + (1,) * (m_c.ndim - 1))
         return m_u + w * (m_c - m_u)
 

@@ -1,6 +1,11 @@
 """The models of a training run: what a local teacher pipeline is (read from its files before anything loads), the
 pipeline, the student, its target and the optimizer, and their placement on the run's device.
 
+A LoRA student and its teacher are one network: the teacher's passes are the student's with its adapters disabled
+(:class:`AdaptersOff`, as diffusers' LCM-LoRA scripts do), so the frozen base is held once, in the run's precision,
+and only the adapters (and their optimizer state) are float32. A full student is a float32 copy of the teacher, with
+a float32 EMA copy as its target; the teacher is cast to the run's precision.
+
 diffusers and peft are imported when called.
 """
 
@@ -16,10 +21,30 @@ import torch
 
 from .train_config import TrainConfig
 
-__all__ = ["LORA_TARGETS", "Run", "TeacherFacts", "build_models", "load_pipeline", "place", "teacher_facts"]
+__all__ = [
+    "ATTENTION_TARGETS",
+    "LORA_TARGETS",
+    "AdaptersOff",
+    "Run",
+    "TeacherFacts",
+    "build_models",
+    "load_pipeline",
+    "lora_targets",
+    "make_optimizer",
+    "place",
+    "run_dtype",
+    "teacher_facts",
+]
 
-#: The attention projections a LoRA student adapts (LCM-LoRA's).
-LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+#: The modules a LoRA student adapts by default: the list of diffusers' LCM-LoRA training scripts, with which the
+#: published LCM-LoRAs were trained (attention and feed-forward projections, the transformers' in/out projections,
+#: the ResNet convolutions and time-embedding projections, the down/up-samplers): 196.8 M parameters at rank 64 on
+#: SDXL, 67.5 M on SD1.5.
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
+                "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")  # fmt: skip
+#: The attention projections only (``--lora-targets attention``; this package's LoRAs before 0.2): 92.9 M
+#: parameters at rank 64 on SDXL.
+ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
 @dataclass(frozen=True)
@@ -72,17 +97,44 @@ def teacher_facts(teacher: str) -> TeacherFacts:
     )
 
 
+class AdaptersOff:
+    """A LoRA student's frozen base as the teacher: each call runs the network with its adapters disabled (diffusers'
+    ``disable_adapters``/``enable_adapters``), so teacher and student share one copy of the base weights.
+
+    Args:
+        unet: the diffusers model carrying the adapters (unwrapped).
+    """
+
+    def __init__(self, unet: Any) -> None:
+        self.module = unet  # what tcd_sampler.distill.teachers.network inspects, as it does a DDP wrapper
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.module.disable_adapters()
+        try:
+            return self.module(*args, **kwargs)
+        finally:
+            self.module.enable_adapters()
+
+
+def run_dtype(mixed_precision: str | None) -> torch.dtype | None:
+    """The dtype of the frozen weights under accelerate's ``mixed_precision`` (``"fp16"``, ``"bf16"``), or None
+    (float32: no mixed precision)."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(str(mixed_precision))
+
+
 @dataclass
 class Run:
     """The models and the optimizer of a run.
 
     Attributes:
-        student: the network trained (for the diffusion objective, the pipeline's own UNet).
+        student: the network trained (for the diffusion objective, the pipeline's own UNet; for a LoRA student, the
+            pipeline's UNet with the adapters).
         target: the EMA target ``θ⁻`` (a full student, and the diffusion objective's result), or the student itself
             (a LoRA student).
-        teacher: the frozen teacher UNet; None for the diffusion objective.
+        teacher: the frozen teacher: the pipeline's UNet (a full student), the student's base (a LoRA student,
+            :class:`AdaptersOff`); None for the diffusion objective.
         optimizer: AdamW over ``trainable``.
-        trainable: the parameters trained.
+        trainable: the parameters trained (float32).
     """
 
     student: Any
@@ -102,30 +154,64 @@ def load_pipeline(teacher: str) -> Any:
     return pipe
 
 
-def build_models(config: TrainConfig, pipe: Any) -> Run:
-    """The student (a LoRA on a copy of the teacher, or a full copy; for the diffusion objective the pipeline's UNet
-    itself), its target and the optimizer."""
+def lora_targets(config: TrainConfig) -> list[str]:
+    """The module names a LoRA student of ``config`` adapts: ``config.lora_targets`` is ``"default"``
+    (:data:`LORA_TARGETS`), ``"attention"`` (:data:`ATTENTION_TARGETS`) or the names themselves."""
+    targets = config.lora_targets
+    if isinstance(targets, str):
+        return list({"default": LORA_TARGETS, "attention": ATTENTION_TARGETS}[targets])
+    return list(targets)
+
+
+def build_models(config: TrainConfig, pipe: Any, weight_dtype: torch.dtype | None = None) -> Run:
+    """The student (a LoRA on the teacher's own network, or a full copy; for the diffusion objective the pipeline's
+    UNet itself), its target and the optimizer (:func:`make_optimizer`).
+
+    Args:
+        config: the run.
+        pipe: the teacher pipeline (float32, as loaded).
+        weight_dtype: the dtype of the frozen weights (the teacher, a LoRA student's base; :func:`run_dtype`); None
+            (default) leaves them float32. Trained parameters and the EMA target stay float32.
+    """
+    unet = pipe.unet
     if config.objective.method == "diffusion":
-        student = pipe.unet.requires_grad_(True)
+        student = unet.requires_grad_(True)
         target = copy.deepcopy(student).requires_grad_(False)
         trainable = list(student.parameters())
-        return Run(student.train(), target, None, torch.optim.AdamW(trainable, lr=config.lr), trainable)
-    teacher = pipe.unet.requires_grad_(False).eval()
-    student = _guidance_conditioned(teacher, config.objective.guidance_embedding_dim) or copy.deepcopy(teacher)
-    if config.lora_rank:
+        return _run(config, student, target, None, trainable)
+    unet.requires_grad_(False).eval()
+    if config.lora_rank:  # one network: the base frozen in the run's precision, the adapters float32
         from peft import LoraConfig
 
+        unet.to(weight_dtype)
         torch.manual_seed(config.seed)  # the LoRA's initial weights
         alpha = config.lora_alpha or config.lora_rank
-        student.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=alpha, init_lora_weights="gaussian",
-                                       target_modules=list(LORA_TARGETS)))  # fmt: skip
-        target = student  # its own target: evaluated without gradients
-    else:
-        student.requires_grad_(True)
-        target = copy.deepcopy(student).requires_grad_(False)  # the EMA of the student (as it starts)
-    trainable = [p for p in student.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.lr)
-    return Run(student.train(), target, teacher, optimizer, trainable)
+        unet.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=alpha, init_lora_weights="gaussian",
+                                    target_modules=lora_targets(config)))  # fmt: skip
+        trainable = [p for p in unet.parameters() if p.requires_grad]
+        for p in trainable:
+            p.data = p.data.float()
+        return _run(config, unet, unet, AdaptersOff(unet), trainable)  # its own target, without gradients
+    student = _guidance_conditioned(unet, config.objective.guidance_embedding_dim) or copy.deepcopy(unet)
+    student.requires_grad_(True)
+    target = copy.deepcopy(student).requires_grad_(False)  # the EMA of the student (as it starts)
+    unet.to(weight_dtype)
+    return _run(config, student, target, unet, list(student.parameters()))
+
+
+def make_optimizer(config: TrainConfig, params: list[torch.nn.Parameter]) -> Any:
+    """``config.optimizer`` over ``params`` at ``config.lr``: torch's AdamW, or bitsandbytes' 8-bit AdamW."""
+    if config.optimizer == "adamw8bit":
+        import bitsandbytes
+
+        return bitsandbytes.optim.AdamW8bit(params, lr=config.lr)
+    return torch.optim.AdamW(params, lr=config.lr)
+
+
+def _run(config: TrainConfig, student: Any, target: Any, teacher: Any, trainable: list[torch.nn.Parameter]) -> Run:
+    if config.gradient_checkpointing:
+        student.enable_gradient_checkpointing()
+    return Run(student.train(), target, teacher, make_optimizer(config, trainable), trainable)
 
 
 def _guidance_conditioned(teacher: Any, dim: int) -> Any:
@@ -145,15 +231,14 @@ def _guidance_conditioned(teacher: Any, dim: int) -> Any:
 
 
 def place(pipe: Any, run: Run, accelerator: Any) -> None:
-    """Move the frozen models to the run's device and, with mixed precision, cast the teacher and the text encoders
-    to its dtype (the VAE stays float32: SDXL's overflows in float16; the target stays float32, as the student)."""
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(str(accelerator.mixed_precision))
+    """Move the models to the run's device and, with mixed precision, cast the text encoders to its dtype (the
+    teacher was cast by :func:`build_models`; the VAE stays float32: SDXL's overflows in float16; the target stays
+    float32, as the student)."""
+    dtype = run_dtype(accelerator.mixed_precision)
     pipe.to(accelerator.device)
     if dtype is not None:
-        if run.teacher is not None:
-            run.teacher.to(dtype)
         for name in ("text_encoder", "text_encoder_2"):
             if getattr(pipe, name, None) is not None:
                 getattr(pipe, name).to(dtype)
-    if run.target is not run.student:
-        run.target.to(accelerator.device)
+    for model in (run.student, run.target):
+        model.to(accelerator.device)

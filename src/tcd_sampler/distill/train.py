@@ -30,14 +30,14 @@ from tqdm.auto import tqdm
 from ..schedulers.config_file import looks_local
 from .batches import FolderBatches, StreamBatches
 from .cache import EncodingCache
-from .checkpoints import load_checkpoint, save_checkpoint
+from .checkpoints import find_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from .data import DataOptions, ImageCaptionDataset, detect_source
 from .export import is_pixel_pipeline, save_full_student, save_lora, save_pixel_pipeline, scheduler_settings, write_card
 from .losses import ema_update
-from .models import Run, TeacherFacts, build_models, load_pipeline, place, teacher_facts
+from .models import Run, TeacherFacts, build_models, load_pipeline, place, run_dtype, teacher_facts
 from .objective import batch_loss, draw
 from .teachers import Conditioning, check_class_captions, conditions, teacher_path
-from .train_config import TRACKERS, TrainConfig
+from .train_config import OPTIMIZERS, TRACKERS, TrainConfig
 from .validation import validation_grid
 
 __all__ = ["TrainConfig", "train"]
@@ -101,7 +101,8 @@ def _step(
     synchronised across processes on the last); returns the rows' mean loss (detached)."""
     n = config.gradient_accumulation
     size = latents.shape[0] // n
-    target = accelerator.unwrap_model(run.student) if run.target is run.student else run.target
+    unwrapped = accelerator.unwrap_model(run.student)
+    own_target = run.target is unwrapped  # a LoRA student (under DDP, run.student is its wrapper)
     run.optimizer.zero_grad()
     total = torch.zeros((), device=latents.device)
     for j in range(n):
@@ -111,16 +112,27 @@ def _step(
             part = functools.partial(_rows, lo=lo, hi=hi)
             rows = (cond.map(part), None if uncond is None else uncond.map(part))
             with accelerator.autocast():
-                loss = batch_loss(config.objective, path, prediction_type, run.student, target, run.teacher,
+                loss = batch_loss(config.objective, path, prediction_type, run.student, run.target, run.teacher,
                                   latents[lo:hi], *rows, draws.rows(lo, hi)) / n  # fmt: skip
             accelerator.backward(loss)
         total += loss.detach()
     if config.max_grad_norm:
         accelerator.clip_grad_norm_(run.trainable, config.max_grad_norm)
     run.optimizer.step()
-    if run.target is not run.student:
-        ema_update(run.target, accelerator.unwrap_model(run.student), config.ema_decay)
+    if not own_target:
+        ema_update(run.target, unwrapped, config.ema_decay)
     return total
+
+
+def _check_engine() -> None:
+    """ValueError, before accelerate starts, for a launch under DeepSpeed (its engine steps the optimizer on every
+    backward and forces mixed precision off for the frozen models, which this trainer's own accumulation and casting
+    do not fit): FSDP is the way to shard a full student."""
+    import os
+
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true", "yes"):
+        raise ValueError("DeepSpeed is not supported by this trainer: launch with FSDP (accelerate launch "
+                         "--use_fsdp) to shard a full student, or DDP for a LoRA")  # fmt: skip
 
 
 def _check_teacher(config: TrainConfig, unet_class: str | None) -> None:
@@ -172,10 +184,38 @@ def _tracked_settings(config: TrainConfig) -> dict[str, Any]:
     return flat
 
 
+def _resume(accelerator: Any, run: Run, config: TrainConfig, scaler: Any, schedule: Any) -> tuple[int, list[float]]:
+    """Load the checkpoint to resume from into every process: the main process chooses it (``"latest"`` as it sees
+    the output folder), the others are told; a process that cannot read it stops every process with a ValueError
+    naming it (none is left waiting). Returns the step and the losses so far."""
+    from accelerate.utils import broadcast_object_list, gather_object
+
+    world = accelerator.num_processes
+    folder = find_checkpoint(config) if accelerator.is_main_process else None
+    if world > 1:
+        folder = broadcast_object_list([folder], from_process=0)[0]
+    own_target = run.target is run.student
+    try:
+        found = load_checkpoint(folder, run.student, None if own_target else run.target, run.optimizer, config, scaler,
+                                schedule)  # fmt: skip
+        problem = None
+    except (OSError, ValueError, RuntimeError, KeyError, EOFError) as error:
+        if world == 1:
+            raise
+        found, problem = (0, []), f"{type(error).__name__}: {error}"
+    if world > 1:
+        problems = gather_object([problem])
+        for rank, message in enumerate(problems):
+            if message:
+                raise ValueError(f"resume: process {rank} of {world} cannot read checkpoint {folder}: {message}")
+    return found
+
+
 def train(config: TrainConfig, progress: bool = True) -> dict[str, Any]:
     """Run ``config``; returns the card (also written as ``card.json``, beside the LoRA or the ``unet/`` folder).
     See the module docstring."""
     from accelerate import Accelerator
+    from diffusers.optimization import get_scheduler
 
     teacher = Path(config.teacher).expanduser()
     if (looks_local(config.teacher) or teacher.exists()) and not (teacher / "model_index.json").is_file():
@@ -184,6 +224,9 @@ def train(config: TrainConfig, progress: bool = True) -> dict[str, Any]:
     if config.log_with and importlib.util.find_spec(TRACKERS[config.log_with]) is None:
         raise ValueError(f"log_with={config.log_with!r} needs the {TRACKERS[config.log_with]} package: pip install it, "
                          "or log nothing (the card keeps the loss curve)")  # fmt: skip
+    if importlib.util.find_spec(OPTIMIZERS[config.optimizer]) is None:
+        raise ValueError(f"optimizer={config.optimizer!r} needs the {OPTIMIZERS[config.optimizer]} package: pip "
+                         "install it, or use optimizer='adamw'")  # fmt: skip
     _check_teacher(config, facts.unet_class)
     options = _data_options(config, facts)
     streamed = detect_source(config.data) == "webdataset"
@@ -195,7 +238,10 @@ def train(config: TrainConfig, progress: bool = True) -> dict[str, Any]:
     if facts.null_class is not None:
         prompts = _check_labels(dataset, prompts, facts.null_class)
     logs = str(Path(config.output) / "logs") if config.log_with else None
+    _check_engine()
+    # mixed precision None: the launcher's (accelerate launch --mixed_precision, or its config file)
     accelerator = Accelerator(mixed_precision=config.mixed_precision, log_with=config.log_with, project_dir=logs)
+    config = dataclasses.replace(config, mixed_precision=str(accelerator.mixed_precision))  # the effective one
     world, rank = accelerator.num_processes, accelerator.process_index
     if config.batch_size % world:
         raise ValueError(f"batch_size={config.batch_size} must be a multiple of the {world} processes")
@@ -203,6 +249,8 @@ def train(config: TrainConfig, progress: bool = True) -> dict[str, Any]:
     if local % config.gradient_accumulation:
         raise ValueError(f"each process's {local} rows must split into gradient_accumulation="
                          f"{config.gradient_accumulation} equal micro-batches")  # fmt: skip
+    if config.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     pipe = load_pipeline(config.teacher)
     _check_teacher(config, type(pipe.unet).__name__)
     classes = getattr(pipe.unet.config, "num_class_embeds", None)
@@ -210,11 +258,16 @@ def train(config: TrainConfig, progress: bool = True) -> dict[str, Any]:
     if facts.null_class is None and null_class is not None:  # a Hub teacher: checked now
         prompts = _check_labels(dataset, prompts, null_class)
     path, prediction_type = teacher_path(pipe.scheduler.config)
-    run = build_models(config, pipe)  # the student and the target: float32, made before the teacher is cast
+    run = build_models(config, pipe, run_dtype(accelerator.mixed_precision))  # trained weights float32
     place(pipe, run, accelerator)
     own_target = run.target is run.student
     scaler = accelerator.scaler  # fp16's gradient scaler (None otherwise): part of the state a resume restores
-    start, losses = load_checkpoint(run.student, None if own_target else run.target, run.optimizer, config, scaler)
+    # stepped once per optimizer step here (accelerate's wrapper would step it once per process)
+    schedule = get_scheduler(config.lr_scheduler, run.optimizer, num_warmup_steps=config.lr_warmup_steps,
+                             num_training_steps=config.steps)  # fmt: skip
+    start, losses = _resume(accelerator, run, config, scaler, schedule)
+    if config.compile:
+        run.student.compile()  # in place: the class (and the forward it inspects) stays the UNet's
     student, optimizer = accelerator.prepare(run.student, run.optimizer)
     if config.log_with:
         accelerator.init_trackers("tcd-sampler", config=_tracked_settings(config))
@@ -241,6 +294,7 @@ def train(config: TrainConfig, progress: bool = True) -> dict[str, Any]:
         draws = draw(config.objective, T, (config.batch_size, *latents.shape[1:]), generator)
         draws = draws.rows(rank * local, (rank + 1) * local)
         loss = _step(config, accelerator, run, path, prediction_type, latents, cond, uncond, draws)
+        schedule.step()
         mean_loss = accelerator.reduce(loss, reduction="mean").item()
         losses.append(mean_loss)
         rate = (step + 1 - start) / (time.perf_counter() - began)
@@ -252,7 +306,9 @@ def train(config: TrainConfig, progress: bool = True) -> dict[str, Any]:
         if (config.checkpoint_every and done % config.checkpoint_every == 0) or done == config.steps:
             if accelerator.is_main_process:
                 unwrapped = accelerator.unwrap_model(student)
-                save_checkpoint(unwrapped, None if own_target else run.target, optimizer, config, done, losses, scaler)
+                save_checkpoint(unwrapped, None if own_target else run.target, optimizer, config, done, losses, scaler,
+                                schedule)  # fmt: skip
+                prune_checkpoints(config, config.checkpoints_total_limit)
             accelerator.wait_for_everyone()
         if (
             accelerator.is_main_process
@@ -262,7 +318,8 @@ def train(config: TrainConfig, progress: bool = True) -> dict[str, Any]:
             card = _card(config, pipe.scheduler.config, T, world, losses, prediction_type)
             grid = Path(config.output) / "validation" / f"step-{done:08d}.png"
             shown = accelerator.unwrap_model(student) if own_target else run.target  # what is saved: the EMA
-            validation_grid(pipe, shown, card, prompts, grid)
+            with accelerator.autocast():  # float32 weights in a pipeline of half-precision encoders
+                validation_grid(pipe, shown, card, prompts, grid)
     card = _card(config, pipe.scheduler.config, T, world, losses, prediction_type)
     card["this_run"] = {"first_step": start, "seconds": round(time.perf_counter() - began, 1),
                         "device": str(accelerator.device), "torch_threads": torch.get_num_threads()}  # fmt: skip

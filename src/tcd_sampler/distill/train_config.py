@@ -11,12 +11,17 @@ from ..core.checks import check_bool, check_choice, check_int, check_number
 from .data import DataOptions
 from .objective import Objective
 
-__all__ = ["TRACKERS", "TrainConfig"]
+__all__ = ["LR_SCHEDULERS", "OPTIMIZERS", "TRACKERS", "TrainConfig"]
 
 MIB = 1 << 20
 #: The accelerate trackers a run can log to, with the module each needs.
 TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "aim": "aim", "comet_ml": "comet_ml",
             "clearml": "clearml", "dvclive": "dvclive"}  # fmt: skip
+
+#: The learning-rate schedules (diffusers' ``get_scheduler`` names, per optimizer step, after the warm-up).
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+#: The optimizers, with the module each needs: torch's AdamW, or bitsandbytes' 8-bit AdamW (its states in 8 bits).
+OPTIMIZERS = {"adamw": "torch", "adamw8bit": "bitsandbytes"}
 
 
 @dataclass(frozen=True)
@@ -30,15 +35,35 @@ class TrainConfig:
         objective: the loss (method, skip, guidance range, distance). Default ``Objective()`` (TCD, huber).
         lora_rank: the LoRA rank; 0 trains the full UNet. Default 64 (LCM-LoRA's).
         lora_alpha: the LoRA alpha. Default None: the rank.
+        lora_targets: the modules a LoRA adapts: ``"default"`` (diffusers' LCM-LoRA list,
+            :data:`~tcd_sampler.distill.models.LORA_TARGETS`), ``"attention"`` (the attention projections only) or
+            a tuple of module names (peft's ``target_modules``). Default ``"default"``.
+        gradient_checkpointing: recompute the student's activations in its backward pass instead of keeping them
+            (diffusers' gradient checkpointing): less memory, about a third more time per step. Default False.
         resolution: the image side the data is cropped to. Default 512.
         batch_size: the global batch (split evenly across processes). Default 4.
         steps: optimizer steps. Default 1000.
         lr: AdamW's learning rate. Default 1e-4 (LoRA; use 1e-6 for a full student).
+        lr_scheduler: how the learning rate moves over the steps (:data:`LR_SCHEDULERS`, diffusers' names): after
+            ``lr_warmup_steps`` of linear warm-up from 0, ``"constant"`` (default) holds it, ``"linear"`` and
+            ``"cosine"`` take it to 0 at the last step.
+        lr_warmup_steps: the steps of linear warm-up (``"constant"`` with warm-up steps is
+            ``"constant_with_warmup"``). Default 0.
+        optimizer: ``"adamw"`` (default, torch's) or ``"adamw8bit"`` (bitsandbytes', checked to be installed before
+            any model loads; its moments in 8 bits: a quarter of AdamW's state memory).
+        allow_tf32: let CUDA matmuls and convolutions use TF32 on Ampere and newer GPUs (faster float32; no effect on
+            the CPU). Default False.
+        compile: compile the student with ``torch.compile`` (in place: the first steps take longer, later ones
+            less). Default False.
         ema_decay: ``μ`` of the full student's EMA target ``θ⁻ ← μ·θ⁻ + (1 − μ)·θ``; a LoRA student is its own
             target (LCM-LoRA's recipe). Default 0.95.
         checkpoint_every: write a checkpoint every this many steps (0: only at the end). Default 500.
+        checkpoints_total_limit: keep only this many newest checkpoints (older ones are removed after each new one
+            is written); 0 (default) keeps all.
         resume: None (default), ``"latest"`` or a checkpoint folder.
-        mixed_precision: ``"no"`` (default), ``"fp16"`` or ``"bf16"`` (accelerate's).
+        mixed_precision: ``"no"``, ``"fp16"`` or ``"bf16"`` (accelerate's); None (default): the launcher's
+            (``accelerate launch --mixed_precision``, or its config file; ``"no"`` without one). The frozen weights
+            are held in this precision, the trained ones in float32.
         gradient_accumulation: micro-batches a process's rows are split into, one backward each (the same
             update, less memory). Default 1.
         validation_every: write a grid of TCD samples at 1/2/4/8 steps (one row a prompt) to
@@ -62,14 +87,22 @@ class TrainConfig:
     objective: Objective = field(default_factory=Objective)
     lora_rank: int = 64
     lora_alpha: int | None = None
+    lora_targets: str | tuple[str, ...] = "default"
+    gradient_checkpointing: bool = False
     resolution: int = 512
     batch_size: int = 4
     steps: int = 1000
     lr: float = 1e-4
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    optimizer: str = "adamw"
+    allow_tf32: bool = False
+    compile: bool = False
     ema_decay: float = 0.95
     checkpoint_every: int = 500
+    checkpoints_total_limit: int = 0
     resume: str | None = None
-    mixed_precision: str = "no"
+    mixed_precision: str | None = None
     gradient_accumulation: int = 1
     validation_every: int = 0
     validation_prompts: tuple[str, ...] = ("a photograph of an astronaut riding a horse",)
@@ -86,12 +119,26 @@ class TrainConfig:
         check_int("lora_rank", self.lora_rank, 0)
         if self.lora_alpha is not None:
             check_int("lora_alpha", self.lora_alpha, 1)
+        if isinstance(self.lora_targets, str):
+            check_choice("lora_targets", self.lora_targets, ("default", "attention"))
+        elif not self.lora_targets or not all(isinstance(t, str) and t for t in self.lora_targets):
+            raise ValueError("lora_targets must be 'default', 'attention' or a non-empty sequence of module names")
+        else:
+            object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+        check_bool("gradient_checkpointing", self.gradient_checkpointing)
         check_int("batch_size", self.batch_size, 1)
         check_int("steps", self.steps, 1)
         check_number("lr", self.lr, 0.0, 1.0, low_open=True)
+        check_choice("lr_scheduler", self.lr_scheduler, LR_SCHEDULERS)
+        check_int("lr_warmup_steps", self.lr_warmup_steps, 0)
+        check_choice("optimizer", self.optimizer, tuple(OPTIMIZERS))
+        check_bool("allow_tf32", self.allow_tf32)
+        check_bool("compile", self.compile)
         check_number("ema_decay", self.ema_decay, 0.0, 1.0)
         check_int("checkpoint_every", self.checkpoint_every, 0)
-        check_choice("mixed_precision", self.mixed_precision, ("no", "fp16", "bf16"))
+        check_int("checkpoints_total_limit", self.checkpoints_total_limit, 0)
+        if self.mixed_precision is not None:
+            check_choice("mixed_precision", self.mixed_precision, ("no", "fp16", "bf16"))
         check_int("gradient_accumulation", self.gradient_accumulation, 1)
         check_int("validation_every", self.validation_every, 0)
         if not self.validation_prompts or not all(isinstance(p, str) for p in self.validation_prompts):
@@ -114,6 +161,7 @@ class TrainConfig:
         folder, its UNet's files: :func:`teacher_identity`)."""
         return {"teacher": self.teacher, "teacher_unet": teacher_identity(self.teacher),
                 "objective": asdict(self.objective), "lora_rank": self.lora_rank, "lora_alpha": self.lora_alpha,
+                "lora_targets": self.lora_targets,
                 "batch_size": self.batch_size, "seed": self.seed}  # fmt: skip
 
 
