@@ -174,3 +174,22 @@ def test_a_card_records_the_run_settings(tmp_path: Path) -> None:
     train(cfg, progress=False)
     card = json.loads((Path(cfg.output) / "card.json").read_text())
     assert card["config"]["lora_targets"] == "attention" and card["config"]["lr_scheduler"] == "cosine"
+
+
+def test_the_vae_encodes_in_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """At most ``VAE_PIXELS`` pixels a VAE call (one image at least), with the latents of one call."""
+    import tcd_sampler.distill.teachers as teachers
+
+    pipe = load_pipeline(teacher(tmp_path))
+    pixels = torch.rand(5, 3, 32, 32) * 2 - 1
+    whole = teachers.encode_latents(pipe, pixels)
+    sizes: list[int] = []
+    encode = pipe.vae.encode
+    monkeypatch.setattr(pipe.vae, "encode", lambda x: sizes.append(x.shape[0]) or encode(x))
+    monkeypatch.setattr(teachers, "VAE_PIXELS", 2 * 32 * 32)
+    torch.testing.assert_close(teachers.encode_latents(pipe, pixels), whole, rtol=1e-5, atol=1e-6)
+    assert sizes == [2, 2, 1]
+    monkeypatch.setattr(teachers, "VAE_PIXELS", 100)  # smaller than one image: one a call
+    sizes.clear()
+    teachers.encode_latents(pipe, pixels)
+    assert sizes == [1] * 5

@@ -212,10 +212,19 @@ def conditions(pipe: Any, captions: list[str], batch: dict[str, Any], device: An
         return Conditioning(embeds), Conditioning(neg) if unconditional else None
 
 
+#: The pixels a VAE call encodes at most (in images × height × width): 4 images of 512², 1 of 1024² (SDXL's VAE
+#: holds about 2.7 GB of activations per 1024² image in float32).
+VAE_PIXELS = 4 * 512 * 512
+
+
 def encode_latents(pipe: Any, pixels: torch.Tensor) -> torch.Tensor:
-    """The data latents ``z`` of ``pixels`` (the VAE's scaled mode), or the pixels themselves for a pixel-space
-    teacher (no VAE)."""
+    """The data latents ``z`` of ``pixels`` (the VAE's scaled mode), encoded in chunks of at most
+    :data:`VAE_PIXELS` pixels (at least one image a call), or the pixels themselves for a pixel-space teacher (no
+    VAE)."""
     if getattr(pipe, "vae", None) is None:
         return pixels
+    chunk = max(1, VAE_PIXELS // (pixels.shape[-2] * pixels.shape[-1]))
+    vae = pipe.vae
     with torch.no_grad():
-        return pipe.vae.encode(pixels.to(pipe.vae.dtype)).latent_dist.mode() * pipe.vae.config.scaling_factor
+        parts = [vae.encode(part.to(vae.dtype)).latent_dist.mode() for part in pixels.split(chunk)]
+        return torch.cat(parts) * vae.config.scaling_factor

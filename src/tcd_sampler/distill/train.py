@@ -323,6 +323,8 @@ def train(config: TrainConfig, progress: bool = True) -> dict[str, Any]:
     card = _card(config, pipe.scheduler.config, T, world, losses, prediction_type)
     card["this_run"] = {"first_step": start, "seconds": round(time.perf_counter() - began, 1),
                         "device": str(accelerator.device), "torch_threads": torch.get_num_threads()}  # fmt: skip
+    if accelerator.device.type == "cuda":  # this process's peak, weights included
+        card["this_run"]["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(accelerator.device) / 2**30, 3)
     if accelerator.is_main_process:
         _save_student(pipe, accelerator.unwrap_model(student), run, config, card)
         write_card(config.output, card)
