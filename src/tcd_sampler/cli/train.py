@@ -72,8 +72,16 @@ def add_train_parser(sub: Any) -> None:
     p.add_argument("--guidance-embedding", type=non_negative_int, default=0, metavar="DIM",
                    help="condition a full student on the guidance scale (LCM's w-embedding; 256 as LCM): it then "
                    "samples at any scale in the range without CFG (default 0: off)")  # fmt: skip
-    p.add_argument("--cache-encodings", action="store_true", help="encode each image and caption once, kept in "
-                   "memory (center crops, no flip)")  # fmt: skip
+    p.add_argument("--cache-encodings", action="store_true", help="encode each image and caption once, kept on "
+                   "disk for this and later runs (center crops, no flip)")  # fmt: skip
+    p.add_argument("--cache-dir", help="the encodings' folder (default OUTPUT/encodings)")
+    p.add_argument(
+        "--data-workers",
+        type=non_negative_int,
+        default=TrainConfig.data_workers,
+        metavar="N",
+        help="processes that read images ahead of the steps, per training process (default 2)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
 
@@ -102,7 +110,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         lr=args.lr, ema_decay=args.ema_decay, checkpoint_every=args.checkpoint_every, resume=args.resume,
         mixed_precision=args.mixed_precision, seed=args.seed, gradient_accumulation=args.gradient_accumulation,
         validation_every=args.validation_every, validation_prompts=prompts, log_with=args.log_with,
-        cache_encodings=args.cache_encodings, lora_targets=args.lora_targets,
+        cache_encodings=args.cache_encodings, cache_dir=args.cache_dir, data_workers=args.data_workers,
+        lora_targets=args.lora_targets,
         gradient_checkpointing=args.gradient_checkpointing, lr_scheduler=args.lr_scheduler,
         lr_warmup_steps=args.lr_warmup_steps, optimizer=args.optimizer, allow_tf32=args.allow_tf32,
         compile=args.compile, checkpoints_total_limit=args.checkpoints_total_limit,

@@ -37,10 +37,15 @@ from .losses import ema_update
 from .models import Run, TeacherFacts, build_models, load_pipeline, place, run_dtype, teacher_facts
 from .objective import batch_loss, draw
 from .teachers import Conditioning, check_class_captions, conditions, teacher_path
-from .train_config import OPTIMIZERS, TRACKERS, TrainConfig
+from .train_config import OPTIMIZERS, TRACKERS, TrainConfig, teacher_identity
 from .validation import validation_grid
 
-__all__ = ["TrainConfig", "train"]
+__all__ = ["LOG_EVERY", "TrainConfig", "train"]
+
+#: The folder index the main process writes for the others (in the output folder).
+DATA_INDEX = "data-index.json"
+#: Steps between reading the losses back from the device (the progress bar, the tracker; the card keeps every step's).
+LOG_EVERY = 10
 
 
 def _card(config: TrainConfig, teacher_config: Any, T: int, world: int, losses: list[float], prediction: str) -> Any:
@@ -184,6 +189,65 @@ def _tracked_settings(config: TrainConfig) -> dict[str, Any]:
     return flat
 
 
+def _scan(accelerator: Any, config: TrainConfig, options: DataOptions) -> ImageCaptionDataset:
+    """The scanned folder dataset: scanned by the main process, which writes its index (``<output>/data-index.json``)
+    for the others to read; a process that fails stops every process with its error (none is left waiting)."""
+    if accelerator.num_processes == 1:
+        return ImageCaptionDataset(config.data, options)
+    index = Path(config.output) / DATA_INDEX
+    main = accelerator.is_main_process
+    scanned = _everyone(accelerator, (lambda: _scanned(config, options, index)) if main else (lambda: None),
+                        "the data scan")  # fmt: skip
+    read = (lambda: scanned) if main else (lambda: ImageCaptionDataset.from_index(index, config.data, options))
+    dataset: ImageCaptionDataset = _everyone(accelerator, read, "reading the data index")
+    return dataset
+
+
+def _scanned(config: TrainConfig, options: DataOptions, index: Path) -> ImageCaptionDataset:
+    dataset = ImageCaptionDataset(config.data, options)
+    dataset.save_index(index)
+    return dataset
+
+
+def _everyone(accelerator: Any, work: Any, what: str) -> Any:
+    """Run ``work()`` on this process and stop every process, with a ValueError naming the first that failed, if
+    any did (a collective: every process calls it, in the same order)."""
+    from accelerate.utils import gather_object
+
+    try:
+        result, problem = work(), None
+    except (OSError, ValueError) as error:
+        result, problem = None, error
+    problems = gather_object([None if problem is None else str(problem)])
+    if problem is not None:
+        raise problem
+    for rank, message in enumerate(problems):
+        if message:
+            raise ValueError(f"{what} failed on process {rank}: {message}")
+    return result
+
+
+def _cache(accelerator: Any, config: TrainConfig, pipe: Any, dataset: ImageCaptionDataset) -> EncodingCache:
+    """The encodings cache on disk (``config.cache_dir``, or ``<output>/encodings``), keyed by what the encodings
+    depend on (the teacher and its files, the encoders' dtypes, the data and how it is cropped); the main process
+    opens it first (it clears a folder made for another key), then the others."""
+    folder = config.cache_dir or str(Path(config.output) / "encodings")
+    options = config.data_options
+    text = getattr(pipe, "text_encoder", None)
+    key = {"teacher": config.teacher, "teacher_unet": teacher_identity(config.teacher), "data": dataset.fingerprint(),
+           "vae_dtype": str(getattr(getattr(pipe, "vae", None), "dtype", None)),
+           "text_dtype": str(getattr(text, "dtype", None)), "crop": options.crop, "channels": options.channels,
+           "caption_dropout": options.caption_dropout, "seed": options.seed}  # fmt: skip
+
+    def make() -> EncodingCache:
+        return EncodingCache(pipe, accelerator.device, config.resolution, folder=folder, key=key,
+                             rank=accelerator.process_index)  # fmt: skip
+
+    cache = make() if accelerator.is_main_process else None
+    accelerator.wait_for_everyone()
+    return cache if cache is not None else make()
+
+
 def _resume(accelerator: Any, run: Run, config: TrainConfig, scaler: Any, schedule: Any) -> tuple[int, list[float]]:
     """Load the checkpoint to resume from into every process: the main process chooses it (``"latest"`` as it sees
     the output folder), the others are told; a process that cannot read it stops every process with a ValueError
@@ -232,17 +296,18 @@ def train(config: TrainConfig, progress: bool = True) -> dict[str, Any]:
     streamed = detect_source(config.data) == "webdataset"
     if streamed and config.cache_encodings:
         raise ValueError("cache_encodings needs a folder source (it keeps encodings by image); stream shards uncached")
-    # a folder is scanned before any model loads; shards are checked as they stream
-    dataset = None if streamed else ImageCaptionDataset(config.data, options)
-    prompts = config.validation_prompts
-    if facts.null_class is not None:
-        prompts = _check_labels(dataset, prompts, facts.null_class)
     logs = str(Path(config.output) / "logs") if config.log_with else None
     _check_engine()
     # mixed precision None: the launcher's (accelerate launch --mixed_precision, or its config file)
     accelerator = Accelerator(mixed_precision=config.mixed_precision, log_with=config.log_with, project_dir=logs)
     config = dataclasses.replace(config, mixed_precision=str(accelerator.mixed_precision))  # the effective one
     world, rank = accelerator.num_processes, accelerator.process_index
+    # a folder is scanned before any model loads (by the main process; the others read its index); shards are
+    # checked as they stream
+    dataset = None if streamed else _scan(accelerator, config, options)
+    prompts = config.validation_prompts
+    if facts.null_class is not None:
+        prompts = _check_labels(dataset, prompts, facts.null_class)
     if config.batch_size % world:
         raise ValueError(f"batch_size={config.batch_size} must be a multiple of the {world} processes")
     local = config.batch_size // world
@@ -260,7 +325,6 @@ def train(config: TrainConfig, progress: bool = True) -> dict[str, Any]:
     path, prediction_type = teacher_path(pipe.scheduler.config)
     run = build_models(config, pipe, run_dtype(accelerator.mixed_precision))  # trained weights float32
     place(pipe, run, accelerator)
-    own_target = run.target is run.student
     scaler = accelerator.scaler  # fp16's gradient scaler (None otherwise): part of the state a resume restores
     # stepped once per optimizer step here (accelerate's wrapper would step it once per process)
     schedule = get_scheduler(config.lr_scheduler, run.optimizer, num_warmup_steps=config.lr_warmup_steps,
@@ -273,20 +337,57 @@ def train(config: TrainConfig, progress: bool = True) -> dict[str, Any]:
         accelerator.init_trackers("tcd-sampler", config=_tracked_settings(config))
     run.student, run.optimizer = student, optimizer
     device = accelerator.device
-    cache = EncodingCache(pipe, device, config.resolution) if config.cache_encodings else None
+    config = dataclasses.replace(config, data_options=options, validation_prompts=prompts)  # the effective ones
+    cache = None if dataset is None or not config.cache_encodings else _cache(accelerator, config, pipe, dataset)
     if dataset is None:
         batches: Any = StreamBatches(config.data, options, pipe, device, rank, world, local, start, null_class)
     else:
-        batches = FolderBatches(dataset, pipe, device, config.batch_size, config.seed, rank, local, cache)
+        batches = FolderBatches(dataset, pipe, device, config.batch_size, config.seed, rank, local, cache,
+                                workers=config.data_workers, start=start, stop=config.steps)  # fmt: skip
+    try:
+        card = _loop(config, accelerator, run, pipe, path, prediction_type, batches, cache, start, losses, schedule,
+                     prompts, progress)  # fmt: skip
+    finally:
+        for closing in (batches, cache):
+            getattr(closing, "close", lambda: None)()
+    return card
+
+
+def _loop(
+    config: TrainConfig, accelerator: Any, run: Run, pipe: Any, path: Any, prediction_type: str, batches: Any,
+    cache: EncodingCache | None, start: int, losses: list[float], schedule: Any, prompts: tuple[str, ...],
+    progress: bool,
+) -> dict[str, Any]:  # fmt: skip
+    """The steps from ``start``, the checkpoints, the validation grids; then the student and its card."""
+    world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
+    local = config.batch_size // world
+    student, optimizer = run.student, run.optimizer
+    own_target = run.target is accelerator.unwrap_model(student)
+    scaler = accelerator.scaler
     text = None if cache is None else cache.text
     T = int(path.num_train_timesteps)
     diffusion = config.objective.method == "diffusion"
     objective = config.objective
     guided = not diffusion and not objective.guidance_min == objective.guidance_max == 1.0  # needs uncond
-    config = dataclasses.replace(config, data_options=options, validation_prompts=prompts)  # the effective ones
     began = time.perf_counter()
     label = "train" if diffusion else "distill"
     bar = tqdm(range(start, config.steps), disable=not (progress and accelerator.is_main_process), desc=label)
+    pending: list[torch.Tensor] = []  # the losses not yet read back (read every LOG_EVERY steps: no sync a step)
+
+    def read_losses(done: int) -> None:
+        if not pending:
+            return
+        values = torch.stack(pending).tolist()
+        first = done - len(values)
+        losses.extend(values)
+        pending.clear()
+        rate = (done - start) / (time.perf_counter() - began)
+        bar.set_postfix(loss=f"{values[-1]:.4g}", it_s=f"{rate:.2f}")
+        if config.log_with:
+            for i, value in enumerate(values):
+                accelerator.log({"loss": value}, step=first + i + 1)
+            accelerator.log({"steps_per_second": rate, "images_per_second": rate * config.batch_size}, step=done)
+
     for step in bar:
         latents, batch = batches(step)
         cond, uncond = conditions(pipe, batch["caption"], batch, device, guided, text)
@@ -295,26 +396,20 @@ def train(config: TrainConfig, progress: bool = True) -> dict[str, Any]:
         draws = draws.rows(rank * local, (rank + 1) * local)
         loss = _step(config, accelerator, run, path, prediction_type, latents, cond, uncond, draws)
         schedule.step()
-        mean_loss = accelerator.reduce(loss, reduction="mean").item()
-        losses.append(mean_loss)
-        rate = (step + 1 - start) / (time.perf_counter() - began)
-        bar.set_postfix(loss=f"{mean_loss:.4g}", it_s=f"{rate:.2f}")
-        if config.log_with:
-            accelerator.log({"loss": mean_loss, "steps_per_second": rate,
-                             "images_per_second": rate * config.batch_size}, step=step + 1)  # fmt: skip
+        pending.append(accelerator.reduce(loss, reduction="mean"))
         done = step + 1
-        if (config.checkpoint_every and done % config.checkpoint_every == 0) or done == config.steps:
+        checkpoint = (config.checkpoint_every and done % config.checkpoint_every == 0) or done == config.steps
+        validate = config.validation_every and (done % config.validation_every == 0 or done == config.steps)
+        if done % LOG_EVERY == 0 or checkpoint or validate:
+            read_losses(done)
+        if checkpoint:
             if accelerator.is_main_process:
                 unwrapped = accelerator.unwrap_model(student)
                 save_checkpoint(unwrapped, None if own_target else run.target, optimizer, config, done, losses, scaler,
                                 schedule)  # fmt: skip
                 prune_checkpoints(config, config.checkpoints_total_limit)
             accelerator.wait_for_everyone()
-        if (
-            accelerator.is_main_process
-            and config.validation_every
-            and (done % config.validation_every == 0 or done == config.steps)
-        ):
+        if validate and accelerator.is_main_process:
             card = _card(config, pipe.scheduler.config, T, world, losses, prediction_type)
             grid = Path(config.output) / "validation" / f"step-{done:08d}.png"
             shown = accelerator.unwrap_model(student) if own_target else run.target  # what is saved: the EMA

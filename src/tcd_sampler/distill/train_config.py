@@ -75,9 +75,13 @@ class TrainConfig:
             (``"tensorboard"``: event files under ``<output>/logs``; also ``"wandb"``, ``"mlflow"``, ``"aim"``,
             ``"comet_ml"``, ``"clearml"``, ``"dvclive"``), checked to be installed before any model loads. Default
             None: no tracker (the card keeps the loss curve anyway).
-        cache_encodings: encode each image's latents and each caption's text embeddings once and keep them in CPU
-            memory (:mod:`tcd_sampler.distill.cache`); needs fixed crops (``crop="center"``, no flip). Default
-            False.
+        cache_encodings: encode each image's latents and each caption's text embeddings once and keep them on disk
+            in ``cache_dir`` (safetensors shards, shared by the processes and reused by a later run with the same
+            teacher, data and crops; :mod:`tcd_sampler.distill.cache`); needs fixed crops (``crop="center"``, no
+            flip). Default False.
+        cache_dir: the encodings' folder. Default None: ``<output>/encodings``.
+        data_workers: DataLoader worker processes per training process that read and crop the images ahead of the
+            steps (0: in the training process, when a step needs them). Default 2.
         data_options: how images are cropped and bad data handled (its resolution is replaced by ``resolution``).
     """
 
@@ -111,6 +115,8 @@ class TrainConfig:
     data_options: DataOptions = field(default_factory=DataOptions)
     log_with: str | None = None
     cache_encodings: bool = False
+    cache_dir: str | None = None
+    data_workers: int = 2
 
     def __post_init__(self) -> None:
         for name in ("teacher", "data", "output"):
@@ -147,6 +153,9 @@ class TrainConfig:
         check_number("max_grad_norm", self.max_grad_norm, 0.0, float("inf"))
         check_int("seed", self.seed, 0)
         check_bool("cache_encodings", self.cache_encodings)
+        if self.cache_dir is not None and (not isinstance(self.cache_dir, str) or not self.cache_dir):
+            raise ValueError("cache_dir must be a non-empty path or None")
+        check_int("data_workers", self.data_workers, 0)
         if self.objective.guidance_embedding_dim and self.lora_rank:
             raise ValueError("a guidance embedding (guidance_embedding_dim) needs a full student: lora_rank=0")
         if self.cache_encodings and (self.data_options.crop != "center" or self.data_options.random_flip):

@@ -30,7 +30,9 @@ metadata line that is not a JSON object with a ``file_name``, an unreadable shar
 and counted by reason with a few example paths. When the bad fraction exceeds ``max_bad_fraction`` (default 0.01;
 0 refuses any bad sample, 1 skips any number), or nothing is usable, the source stops with one :class:`DataError`
 (a ``ValueError``) listing the counts by reason and examples. Folder sources are scanned up front, in the
-constructor, before any model loads (``verify_images`` decodes every image, so a truncated file is caught too). A
+constructor, before any model loads (``verify_images`` decodes every image, so a truncated file is caught too); a
+scan is written once to an index file (:meth:`ImageCaptionDataset.save_index`) that other processes or a later run
+read without scanning (:meth:`ImageCaptionDataset.from_index`, which refuses an index of another folder or options). A
 stream counts as it goes and stops once ``min_samples`` samples have been seen and the running fraction exceeds the
 threshold, or at the end of a pass over its shards. An image that fails in ``__getitem__`` after passing the scan
 (the file changed) stops with a :class:`DataError` naming it. A :class:`DataError` raised in a DataLoader worker

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from torch.utils.data import default_collate
 
 from .options import DataOptions
 from .report import _Bad, _describe
@@ -134,7 +135,9 @@ def collate(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     if len(shapes) > 1:
         raise ValueError(f"collate needs pixel_values of one shape, got {sorted(shapes)}")
     return {
-        "pixel_values": torch.stack([sample["pixel_values"] for sample in samples]),
+        # default_collate stacks as torch.stack does; in a DataLoader worker, straight into shared memory (no copy
+        # when the batch is sent to the main process)
+        "pixel_values": default_collate([sample["pixel_values"] for sample in samples]),
         "caption": [sample["caption"] for sample in samples],
         "original_size": torch.tensor([list(sample["original_size"]) for sample in samples], dtype=torch.int64),
         "crop_top_left": torch.tensor([list(sample["crop_top_left"]) for sample in samples], dtype=torch.int64),
