@@ -193,3 +193,43 @@ def test_the_vae_encodes_in_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     sizes.clear()
     teachers.encode_latents(pipe, pixels)
     assert sizes == [1] * 5
+
+
+RANK_FAILS = """
+import os, sys
+import tcd_sampler.distill.train as train_module
+from tcd_sampler.cli import main
+real = train_module.load_checkpoint
+def wrapped(folder, *args, **kwargs):
+    if os.environ.get("RANK") == "1" and folder is not None:
+        raise OSError(f"[Errno 2] No such file or directory: '{folder}/state' (node-local output)")
+    return real(folder, *args, **kwargs)
+train_module.load_checkpoint = wrapped
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_a_process_that_cannot_read_the_checkpoint_stops_all(tmp_path: Path) -> None:
+    """Two gloo processes resume ``latest``: the main process picks the checkpoint, and when the other cannot read
+    it (node-local output on another machine) both stop with an error naming that process; none hangs."""
+    import os
+    import subprocess
+    import sys
+
+    from test_train import REPO, cli_args, free_port
+
+    t, data = teacher(tmp_path), images(tmp_path)
+    cfg = config(tmp_path, t, data, steps=2, checkpoint_every=1)
+    train(cfg, progress=False)
+    longer = config(tmp_path, t, data, steps=3, checkpoint_every=1)
+    script = tmp_path / "rank_fails.py"
+    script.write_text(RANK_FAILS)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+           str(free_port()), str(script), *cli_args(longer), "--resume", "latest"]  # fmt: skip
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "resume: reading checkpoint" in done.stderr and "failed on process 1" in done.stderr, done.stderr[-2000:]
+    assert "step-00000002" in done.stderr

@@ -195,11 +195,9 @@ def _scan(accelerator: Any, config: TrainConfig, options: DataOptions) -> ImageC
     if accelerator.num_processes == 1:
         return ImageCaptionDataset(config.data, options)
     index = Path(config.output) / DATA_INDEX
-    main = accelerator.is_main_process
-    scanned = _everyone(accelerator, (lambda: _scanned(config, options, index)) if main else (lambda: None),
-                        "the data scan")  # fmt: skip
-    read = (lambda: scanned) if main else (lambda: ImageCaptionDataset.from_index(index, config.data, options))
-    dataset: ImageCaptionDataset = _everyone(accelerator, read, "reading the data index")
+    read = lambda: ImageCaptionDataset.from_index(index, config.data, options)  # noqa: E731
+    dataset: ImageCaptionDataset = _main_first(accelerator, lambda: _scanned(config, options, index), read,
+                                               "the data scan")  # fmt: skip
     return dataset
 
 
@@ -209,6 +207,13 @@ def _scanned(config: TrainConfig, options: DataOptions, index: Path) -> ImageCap
     return dataset
 
 
+def _main_first(accelerator: Any, main: Any, others: Any, what: str) -> Any:
+    """``main()`` on the main process, then (once it succeeded) ``others()`` on the other processes; returns this
+    process's result. A failure on any process stops every process (:func:`_everyone`): none is left waiting."""
+    first = _everyone(accelerator, main if accelerator.is_main_process else lambda: None, what)
+    return _everyone(accelerator, (lambda: first) if accelerator.is_main_process else others, what)
+
+
 def _everyone(accelerator: Any, work: Any, what: str) -> Any:
     """Run ``work()`` on this process and stop every process, with a ValueError naming the first that failed, if
     any did (a collective: every process calls it, in the same order)."""
@@ -216,7 +221,7 @@ def _everyone(accelerator: Any, work: Any, what: str) -> Any:
 
     try:
         result, problem = work(), None
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, RuntimeError, KeyError, EOFError) as error:
         result, problem = None, error
     problems = gather_object([None if problem is None else str(problem)])
     if problem is not None:
@@ -236,42 +241,32 @@ def _cache(accelerator: Any, config: TrainConfig, pipe: Any, dataset: ImageCapti
     text = getattr(pipe, "text_encoder", None)
     key = {"teacher": config.teacher, "teacher_unet": teacher_identity(config.teacher), "data": dataset.fingerprint(),
            "vae_dtype": str(getattr(getattr(pipe, "vae", None), "dtype", None)),
-           "text_dtype": str(getattr(text, "dtype", None)), "crop": options.crop, "channels": options.channels,
-           "caption_dropout": options.caption_dropout, "seed": options.seed}  # fmt: skip
+           "text_dtype": str(getattr(text, "dtype", None)), "crop": options.crop,
+           "channels": options.channels}  # fmt: skip
 
     def make() -> EncodingCache:
         return EncodingCache(pipe, accelerator.device, config.resolution, folder=folder, key=key,
                              rank=accelerator.process_index)  # fmt: skip
 
-    cache = make() if accelerator.is_main_process else None
-    accelerator.wait_for_everyone()
-    return cache if cache is not None else make()
+    cache: EncodingCache = _main_first(accelerator, make, make, "opening the encodings cache")
+    return cache
 
 
 def _resume(accelerator: Any, run: Run, config: TrainConfig, scaler: Any, schedule: Any) -> tuple[int, list[float]]:
     """Load the checkpoint to resume from into every process: the main process chooses it (``"latest"`` as it sees
     the output folder), the others are told; a process that cannot read it stops every process with a ValueError
     naming it (none is left waiting). Returns the step and the losses so far."""
-    from accelerate.utils import broadcast_object_list, gather_object
+    from accelerate.utils import broadcast_object_list
 
     world = accelerator.num_processes
     folder = find_checkpoint(config) if accelerator.is_main_process else None
     if world > 1:
         folder = broadcast_object_list([folder], from_process=0)[0]
-    own_target = run.target is run.student
-    try:
-        found = load_checkpoint(folder, run.student, None if own_target else run.target, run.optimizer, config, scaler,
-                                schedule)  # fmt: skip
-        problem = None
-    except (OSError, ValueError, RuntimeError, KeyError, EOFError) as error:
-        if world == 1:
-            raise
-        found, problem = (0, []), f"{type(error).__name__}: {error}"
-    if world > 1:
-        problems = gather_object([problem])
-        for rank, message in enumerate(problems):
-            if message:
-                raise ValueError(f"resume: process {rank} of {world} cannot read checkpoint {folder}: {message}")
+    target = None if run.target is run.student else run.target
+    found: tuple[int, list[float]] = _everyone(
+        accelerator, lambda: load_checkpoint(folder, run.student, target, run.optimizer, config, scaler, schedule),
+        f"resume: reading checkpoint {folder}",
+    )  # fmt: skip
     return found
 
 
