@@ -91,8 +91,9 @@ def run(args: list[str], kill_at: int | None = None) -> subprocess.CompletedProc
 
 def last_weights(output: Path) -> dict[str, torch.Tensor]:
     last = sorted((output / "checkpoints").glob("step-*"))[-1]
-    state: dict[str, torch.Tensor] = torch.load(last / "state.pt", map_location="cpu", weights_only=False)["student"]
-    return state
+    from tcd_sampler.distill.checkpoints import checkpoint_tensors
+
+    return checkpoint_tensors(last)
 
 
 def sample_export(teacher: str, output: Path, lora: bool, device: str) -> bool:

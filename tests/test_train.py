@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import tiny_pipelines
+from tcd_sampler.distill.checkpoints import checkpoint_tensors
 from tcd_sampler.distill.data import DataOptions
 from tcd_sampler.distill.objective import Objective
 from tcd_sampler.distill.train import TrainConfig, train
@@ -55,8 +56,9 @@ def config(tmp: Path, teacher_dir: str, data: str, **kw: Any) -> TrainConfig:
 
 
 def weights(output: str) -> dict[str, torch.Tensor]:
+    """The trainable weights of a run's last checkpoint."""
     last = sorted((Path(output) / "checkpoints").glob("step-*"))[-1]
-    return torch.load(last / "state.pt", map_location="cpu", weights_only=False)["student"]
+    return checkpoint_tensors(last)
 
 
 #: How far apart two runs that compute the same update in another float32 summation order may end, as the norm of
@@ -148,22 +150,24 @@ def test_two_processes_end_with_the_weights_of_one(tmp_path: Path) -> None:
 
 KILLER = """
 import os, signal, sys
+import safetensors.torch
 import tcd_sampler.distill.train as train_module
 from tcd_sampler.cli import main
 calls = {"n": 0}
-real = train_module.{target}
+real = {target}
 def wrapped(*args, **kwargs):
     calls["n"] += 1
     if calls["n"] == {at}:
         {action}
     return real(*args, **kwargs)
-train_module.{target} = wrapped
+{target} = wrapped
 sys.exit(main(sys.argv[1:]))
 """
 
 
 def run_killed(cfg: TrainConfig, target: str, at: int, action: str) -> subprocess.CompletedProcess[str]:
-    """The CLI in a subprocess with ``train_module.<target>`` wrapped to run ``action`` at its ``at``-th call."""
+    """The CLI in a subprocess with ``target`` (``train_module.<name>`` or ``safetensors.torch.<name>``) wrapped to run
+    ``action`` at its ``at``-th call."""
     script = KILLER.replace("{target}", target).replace("{at}", str(at)).replace("{action}", action)
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     args = cli_args(cfg) + (["--resume", cfg.resume] if cfg.resume else [])
@@ -177,15 +181,15 @@ def test_a_killed_run_resumes_bit_identical(tmp_path: Path) -> None:
     that was never interrupted; a kill while a checkpoint is written leaves no half-written checkpoint behind."""
     t, data = teacher(tmp_path), images(tmp_path)
     whole = config(tmp_path, t, data, output=str(tmp_path / "whole"), steps=8, checkpoint_every=2)
-    assert run_killed(whole, "batch_loss", 10**9, "pass").returncode == 0
+    assert run_killed(whole, "train_module.batch_loss", 10**9, "pass").returncode == 0
     cut = config(tmp_path, t, data, output=str(tmp_path / "cut"), steps=8, checkpoint_every=2)
-    killed = run_killed(cut, "batch_loss", 6, "os.kill(os.getpid(), signal.SIGKILL)")
+    killed = run_killed(cut, "train_module.batch_loss", 6, "os.kill(os.getpid(), signal.SIGKILL)")
     assert killed.returncode == -signal.SIGKILL
     assert [p.name for p in sorted((Path(cut.output) / "checkpoints").glob("step-*"))][-1] == "step-00000004"
     assert not (Path(cut.output) / "card.json").exists()
     # resumed, then killed halfway through writing the checkpoint of step 6: that checkpoint never appears
     half = 'open(args[1], "wb").write(b"half a checkpoint"); os.kill(os.getpid(), signal.SIGKILL)'
-    again = run_killed(TrainConfig(**{**cut.__dict__, "resume": "latest"}), "torch.save", 1, half)
+    again = run_killed(TrainConfig(**{**cut.__dict__, "resume": "latest"}), "safetensors.torch.save_file", 1, half)
     assert again.returncode == -signal.SIGKILL
     complete = sorted((Path(cut.output) / "checkpoints").glob("step-*"))
     assert [p.name for p in complete][-1] == "step-00000004" and all(

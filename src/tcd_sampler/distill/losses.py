@@ -176,6 +176,17 @@ def distillation_loss(
 @torch.no_grad()
 def ema_update(target: torch.nn.Module, source: torch.nn.Module, decay: float) -> None:
     """The loss's target network as the exponential moving average of the student: ``θ⁻ ← μ·θ⁻ + (1 − μ)·θ`` with
-    ``μ = decay``, parameter by parameter (the two networks have the same architecture)."""
-    for p_target, p in zip(target.parameters(), source.parameters(), strict=True):
-        p_target.lerp_(p, 1 - decay)
+    ``μ = decay``, parameter by parameter (the two networks have the same architecture), in one ``_foreach_lerp_``.
+    Sharded networks (:func:`tcd_sampler.distill.sharding.shard`, both alike) update their local shards: no
+    communication."""
+    targets, sources = list(target.parameters()), list(source.parameters())
+    if len(targets) != len(sources):
+        raise ValueError(f"ema_update: the target has {len(targets)} parameters, the source {len(sources)}")
+    if targets:
+        torch._foreach_lerp_([_local(p) for p in targets], [_local(p) for p in sources], 1 - decay)
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a DTensor parameter (a view: updated in place), or the tensor itself."""
+    to_local = getattr(p, "to_local", None)
+    return p if to_local is None else to_local()

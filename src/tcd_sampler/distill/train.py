@@ -397,11 +397,11 @@ def _loop(
         validate = config.validation_every and (done % config.validation_every == 0 or done == config.steps)
         if done % LOG_EVERY == 0 or checkpoint or validate:
             read_losses(done)
-        if checkpoint:
+        if checkpoint:  # every process (a sharded student's shards are written by their owners)
+            unwrapped = accelerator.unwrap_model(student)
+            save_checkpoint(unwrapped, None if own_target else run.target, optimizer, config, done, losses, scaler,
+                            schedule)  # fmt: skip
             if accelerator.is_main_process:
-                unwrapped = accelerator.unwrap_model(student)
-                save_checkpoint(unwrapped, None if own_target else run.target, optimizer, config, done, losses, scaler,
-                                schedule)  # fmt: skip
                 prune_checkpoints(config, config.checkpoints_total_limit)
             accelerator.wait_for_everyone()
         if validate and accelerator.is_main_process:
