@@ -233,3 +233,61 @@ def test_a_process_that_cannot_read_the_checkpoint_stops_all(tmp_path: Path) -> 
     assert done.returncode != 0
     assert "resume: reading checkpoint" in done.stderr and "failed on process 1" in done.stderr, done.stderr[-2000:]
     assert "step-00000002" in done.stderr
+
+
+@pytest.mark.slow
+def test_a_full_student_sharded_over_two_processes(tmp_path: Path) -> None:
+    """``--fsdp`` with two gloo processes: the full student, its EMA target and AdamW's state sharded by FSDP2; the
+    same update as one unsharded process (within float32 summation), a validation grid sampled by both processes
+    and written by one, sharded checkpoints that resume, and one plain ``unet/`` exported."""
+    import os
+    import subprocess
+    import sys
+
+    from diffusers import UNet2DConditionModel
+
+    from tcd_sampler.distill.data import DataOptions
+    from tcd_sampler.distill.train import TrainConfig
+    from test_train import REPO, cli_args, free_port
+
+    t, data = teacher(tmp_path), images(tmp_path)
+    kw: dict[str, Any] = {"lora_rank": 0, "steps": 3, "checkpoint_every": 2}
+    one = config(tmp_path, t, data, output=str(tmp_path / "one"), **kw)
+    train(TrainConfig(**{**one.__dict__, "data_options": DataOptions(min_size=16, caption_dropout=0.0)}),
+          progress=False)  # fmt: skip
+    two = config(tmp_path, t, data, output=str(tmp_path / "two"), **kw)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+    ]
+    args = [*cli_args(two), "--fsdp", "--validation-every", "3", "--data-workers", "0"]  # fmt: skip
+    done = subprocess.run([*launch, str(free_port()), "-m", "tcd_sampler.cli", *args], env=env, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert update_difference(weights(one.output), weights(two.output), initial_weights(one)) < SAME_UPDATE
+    out = Path(two.output)
+    assert (out / "validation" / "step-00000003.png").is_file()
+    assert sorted(p.name for p in (out / "checkpoints" / "step-00000002").glob("shard-*.safetensors"))
+    exported = UNet2DConditionModel.from_pretrained(out / "unet")
+    plain = UNet2DConditionModel.from_pretrained(Path(one.output) / "unet")
+    for (name, a), b in zip(plain.state_dict().items(), exported.state_dict().values(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
+    # resumed by two processes from the sharded step-2 checkpoint: the same end
+    (out / "card.json").unlink()
+    resumed = subprocess.run([*launch, str(free_port()), "-m", "tcd_sampler.cli", *args, "--resume",
+                              str(out / "checkpoints" / "step-00000002")], env=env, capture_output=True, text=True,
+                             timeout=300)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((out / "card.json").read_text())["this_run"]["first_step"] == 2

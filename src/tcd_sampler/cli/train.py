@@ -47,6 +47,8 @@ def add_train_parser(sub: Any) -> None:
                    help="adamw, or adamw8bit (bitsandbytes; 8-bit moments) (default adamw)")  # fmt: skip
     p.add_argument("--allow-tf32", action="store_true", help="TF32 matmuls on Ampere and newer GPUs")
     p.add_argument("--compile", action="store_true", help="torch.compile the student (slower first steps)")
+    p.add_argument("--fsdp", action="store_true", help="shard a full student, its EMA and optimizer state across "
+                   "the processes (torch FSDP2; under accelerate launch, --lora-rank 0)")  # fmt: skip
     p.add_argument("--guidance-min", type=guidance, default=3.0, help="smallest guidance scale ω (default 3)")
     p.add_argument("--guidance-max", type=guidance, default=15.0, help="largest guidance scale ω (default 15)")
     p.add_argument("--loss", choices=["huber", "l2"], default="huber", help="the distance d (default huber)")
@@ -114,7 +116,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         lora_targets=args.lora_targets,
         gradient_checkpointing=args.gradient_checkpointing, lr_scheduler=args.lr_scheduler,
         lr_warmup_steps=args.lr_warmup_steps, optimizer=args.optimizer, allow_tf32=args.allow_tf32,
-        compile=args.compile, checkpoints_total_limit=args.checkpoints_total_limit,
+        compile=args.compile, fsdp=args.fsdp, checkpoints_total_limit=args.checkpoints_total_limit,
         data_options=DataOptions(resolution=args.resolution, caption_dropout=args.caption_dropout, seed=args.seed),
     )  # fmt: skip
     card = train(config, progress=not args.no_progress)

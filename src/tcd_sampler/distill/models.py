@@ -135,6 +135,7 @@ class Run:
             :class:`AdaptersOff`); None for the diffusion objective.
         optimizer: AdamW over ``trainable``.
         trainable: the parameters trained (float32).
+        plain_class: a sharded target's class before sharding (what its export is built as); None unsharded.
     """
 
     student: Any
@@ -142,6 +143,7 @@ class Run:
     teacher: Any
     optimizer: Any
     trainable: list[torch.nn.Parameter]
+    plain_class: Any = None
 
 
 def load_pipeline(teacher: str) -> Any:

@@ -14,7 +14,6 @@ the optimizer, the step) are written to a temporary folder and renamed, every ``
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import importlib.util
@@ -34,8 +33,9 @@ from .checkpoints import find_checkpoint, load_checkpoint, prune_checkpoints, sa
 from .data import DataOptions, ImageCaptionDataset, detect_source
 from .export import is_pixel_pipeline, save_full_student, save_lora, save_pixel_pipeline, scheduler_settings, write_card
 from .losses import ema_update
-from .models import Run, TeacherFacts, build_models, load_pipeline, place, run_dtype, teacher_facts
+from .models import Run, TeacherFacts, build_models, load_pipeline, make_optimizer, place, run_dtype, teacher_facts
 from .objective import batch_loss, draw
+from .sharding import full_state_dict, gradient_sync, is_sharded, shard
 from .teachers import Conditioning, check_class_captions, conditions, teacher_path
 from .train_config import OPTIMIZERS, TRACKERS, TrainConfig, teacher_identity
 from .validation import validation_grid
@@ -112,8 +112,7 @@ def _step(
     total = torch.zeros((), device=latents.device)
     for j in range(n):
         lo, hi = j * size, (j + 1) * size
-        sync = contextlib.nullcontext() if j == n - 1 else accelerator.no_sync(run.student)
-        with sync:
+        with gradient_sync(run.student, j == n - 1):  # synchronised on the last micro-batch
             part = functools.partial(_rows, lo=lo, hi=hi)
             rows = (cond.map(part), None if uncond is None else uncond.map(part))
             with accelerator.autocast():
@@ -127,6 +126,27 @@ def _step(
     if not own_target:
         ema_update(run.target, unwrapped, config.ema_decay)
     return total
+
+
+def _shard(run: Run, config: TrainConfig, dtype: torch.dtype | None) -> None:
+    """Shard a full student and its EMA target with FSDP2 (the target resharded after each forward, so its
+    parameters stay shards the EMA update reaches) and make the optimizer over the sharded parameters."""
+    run.plain_class = type(run.target)
+    shard(run.student, mixed_precision=dtype)
+    shard(run.target, reshard_after_forward=True, mixed_precision=dtype)
+    run.trainable = [p for p in run.student.parameters() if p.requires_grad]
+    run.optimizer = make_optimizer(config, run.trainable)
+
+
+def _gathered(target: Any, plain_class: Any) -> Any:
+    """A sharded target gathered into a plain model of ``plain_class`` on the main process (every process takes part;
+    the others get None)."""
+    whole = full_state_dict(target)
+    if not whole:
+        return None
+    plain = plain_class.from_config(target.config)
+    plain.load_state_dict(whole, strict=True)
+    return plain
 
 
 def _check_engine() -> None:
@@ -306,6 +326,8 @@ def train(config: TrainConfig, progress: bool = True) -> dict[str, Any]:
     if config.batch_size % world:
         raise ValueError(f"batch_size={config.batch_size} must be a multiple of the {world} processes")
     local = config.batch_size // world
+    if config.fsdp and world == 1:
+        raise ValueError("fsdp shards across processes: launch several (accelerate launch --num_processes N)")
     if local % config.gradient_accumulation:
         raise ValueError(f"each process's {local} rows must split into gradient_accumulation="
                          f"{config.gradient_accumulation} equal micro-batches")  # fmt: skip
@@ -320,6 +342,8 @@ def train(config: TrainConfig, progress: bool = True) -> dict[str, Any]:
     path, prediction_type = teacher_path(pipe.scheduler.config)
     run = build_models(config, pipe, run_dtype(accelerator.mixed_precision))  # trained weights float32
     place(pipe, run, accelerator)
+    if config.fsdp:  # before the optimizer state exists and before a resume loads into the shards
+        _shard(run, config, run_dtype(accelerator.mixed_precision))
     scaler = accelerator.scaler  # fp16's gradient scaler (None otherwise): part of the state a resume restores
     # stepped once per optimizer step here (accelerate's wrapper would step it once per process)
     schedule = get_scheduler(config.lr_scheduler, run.optimizer, num_warmup_steps=config.lr_warmup_steps,
@@ -327,7 +351,10 @@ def train(config: TrainConfig, progress: bool = True) -> dict[str, Any]:
     start, losses = _resume(accelerator, run, config, scaler, schedule)
     if config.compile:
         run.student.compile()  # in place: the class (and the forward it inspects) stays the UNet's
-    student, optimizer = accelerator.prepare(run.student, run.optimizer)
+    if config.fsdp:  # sharded by FSDP2 itself: accelerate prepares only the optimizer
+        student, optimizer = run.student, accelerator.prepare(run.optimizer)
+    else:
+        student, optimizer = accelerator.prepare(run.student, run.optimizer)
     if config.log_with:
         accelerator.init_trackers("tcd-sampler", config=_tracked_settings(config))
     run.student, run.optimizer = student, optimizer
@@ -404,17 +431,20 @@ def _loop(
             if accelerator.is_main_process:
                 prune_checkpoints(config, config.checkpoints_total_limit)
             accelerator.wait_for_everyone()
-        if validate and accelerator.is_main_process:
+        sharded = is_sharded(run.target)
+        if validate and (accelerator.is_main_process or sharded):  # a sharded target's forwards need every process
             card = _card(config, pipe.scheduler.config, T, world, losses, prediction_type)
             grid = Path(config.output) / "validation" / f"step-{done:08d}.png"
             shown = accelerator.unwrap_model(student) if own_target else run.target  # what is saved: the EMA
             with accelerator.autocast():  # float32 weights in a pipeline of half-precision encoders
-                validation_grid(pipe, shown, card, prompts, grid)
+                validation_grid(pipe, shown, card, prompts, grid, write=accelerator.is_main_process)
     card = _card(config, pipe.scheduler.config, T, world, losses, prediction_type)
     card["this_run"] = {"first_step": start, "seconds": round(time.perf_counter() - began, 1),
                         "device": str(accelerator.device), "torch_threads": torch.get_num_threads()}  # fmt: skip
     if accelerator.device.type == "cuda":  # this process's peak, weights included
         card["this_run"]["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(accelerator.device) / 2**30, 3)
+    if is_sharded(run.target):  # gathered by every process, saved by the main one as a plain model
+        run.target = _gathered(run.target, run.plain_class)
     if accelerator.is_main_process:
         _save_student(pipe, accelerator.unwrap_model(student), run, config, card)
         write_card(config.output, card)

@@ -53,6 +53,9 @@ class TrainConfig:
             any model loads; its moments in 8 bits: a quarter of AdamW's state memory).
         allow_tf32: let CUDA matmuls and convolutions use TF32 on Ampere and newer GPUs (faster float32; no effect on
             the CPU). Default False.
+        fsdp: shard a full student, its EMA target and their optimizer state across the processes with torch's
+            FSDP2 (``fully_shard`` per block; needs several processes and ``lora_rank=0``); checkpoints are then
+            written by every process, and the student is gathered once for the export. Default False (DDP).
         compile: compile the student with ``torch.compile`` (in place: the first steps take longer, later ones
             less). Default False.
         ema_decay: ``μ`` of the full student's EMA target ``θ⁻ ← μ·θ⁻ + (1 − μ)·θ``; a LoRA student is its own
@@ -102,6 +105,7 @@ class TrainConfig:
     optimizer: str = "adamw"
     allow_tf32: bool = False
     compile: bool = False
+    fsdp: bool = False
     ema_decay: float = 0.95
     checkpoint_every: int = 500
     checkpoints_total_limit: int = 0
@@ -140,6 +144,9 @@ class TrainConfig:
         check_choice("optimizer", self.optimizer, tuple(OPTIMIZERS))
         check_bool("allow_tf32", self.allow_tf32)
         check_bool("compile", self.compile)
+        check_bool("fsdp", self.fsdp)
+        if self.fsdp and self.lora_rank and self.objective.method != "diffusion":
+            raise ValueError("fsdp shards a full student: pass lora_rank=0 (a LoRA student trains under DDP)")
         check_number("ema_decay", self.ema_decay, 0.0, 1.0)
         check_int("checkpoint_every", self.checkpoint_every, 0)
         check_int("checkpoints_total_limit", self.checkpoints_total_limit, 0)

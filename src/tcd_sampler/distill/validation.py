@@ -49,10 +49,10 @@ def _pixel_sample(pipe: Any, prompt: str, steps: int, generator: torch.Generator
 
 @torch.no_grad()
 def validation_grid(pipe: Any, student: Any, card: dict[str, Any], prompts: tuple[str, ...], path: Path,
-                    seed: int = 0) -> Path:  # fmt: skip
+                    seed: int = 0, write: bool = True) -> Path:  # fmt: skip
     """Sample ``prompts`` with ``student`` in ``pipe`` (its UNet swapped in for the call) at each of :data:`STEPS`
     with the card's scheduler, guidance off (a distilled model needs none), the same seed in every cell; write the
-    grid to ``path``. Returns ``path``."""
+    grid to ``path`` (unless ``write`` is False: default True). Returns ``path``."""
     from PIL import Image
 
     teacher_unet, teacher_scheduler = pipe.unet, pipe.scheduler
@@ -76,6 +76,8 @@ def validation_grid(pipe: Any, student: Any, card: dict[str, Any], prompts: tupl
     finally:
         pipe.unet, pipe.scheduler = teacher_unet, teacher_scheduler
         student.train(was_training)
+    if not write:  # a sharded student: every process samples (its forwards are collectives), one writes
+        return path
     w, h = rows[0][0].size
     if max(w, h) < MIN_CELL:  # tiny images (8 x 8 digits) enlarged, pixel for pixel
         scale = -(-MIN_CELL // max(w, h))
