@@ -141,6 +141,15 @@ def test_lr_schedule_resumes_and_old_checkpoints_are_pruned(tmp_path: Path) -> N
     assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(whole.lr / 2)  # half-way up the warm-up
 
 
+def test_warm_up_with_the_default_constant_schedule(tmp_path: Path) -> None:
+    """``lr_warmup_steps`` warms up the default ``"constant"`` schedule too (diffusers' ``"constant"`` ignores it)."""
+    t, data = teacher(tmp_path), images(tmp_path)
+    cfg = config(tmp_path, t, data, steps=2, checkpoint_every=1, lr_warmup_steps=2)
+    train(cfg, progress=False)
+    state = json.loads((Path(cfg.output) / "checkpoints" / "step-00000001" / "state.json").read_text())
+    assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(cfg.lr / 2)
+
+
 def test_deepspeed_and_missing_optimizer_are_refused_up_front(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                              capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
     import importlib.util
@@ -160,6 +169,10 @@ def test_deepspeed_and_missing_optimizer_are_refused_up_front(tmp_path: Path, mo
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "DeepSpeed is not supported" in err and "FSDP" in err
     monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # accelerate's plugin: --fsdp is the way
+    assert main(base) == 2
+    assert "--fsdp" in capsys.readouterr().err
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
     if importlib.util.find_spec("bitsandbytes") is None:
         assert main([*base, "--optimizer", "adamw8bit"]) == 2
         err = capsys.readouterr().err.strip()
@@ -199,20 +212,22 @@ RANK_FAILS = """
 import os, sys
 import tcd_sampler.distill.train as train_module
 from tcd_sampler.cli import main
-real = train_module.load_checkpoint
+real = train_module.check_checkpoint
 def wrapped(folder, *args, **kwargs):
-    if os.environ.get("RANK") == "1" and folder is not None:
-        raise OSError(f"[Errno 2] No such file or directory: '{folder}/state' (node-local output)")
+    if os.environ.get("RANK") == "1":
+        raise OSError(f"[Errno 2] No such file or directory: '{folder}/checkpoint.json' (node-local output)")
     return real(folder, *args, **kwargs)
-train_module.load_checkpoint = wrapped
+train_module.check_checkpoint = wrapped
 sys.exit(main(sys.argv[1:]))
 """
 
 
 @pytest.mark.slow
-def test_a_process_that_cannot_read_the_checkpoint_stops_all(tmp_path: Path) -> None:
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_a_process_that_cannot_read_the_checkpoint_stops_all(tmp_path: Path, fsdp: bool) -> None:
     """Two gloo processes resume ``latest``: the main process picks the checkpoint, and when the other cannot read
-    it (node-local output on another machine) both stop with an error naming that process; none hangs."""
+    it (node-local output on another machine) both stop with an error naming that process; none hangs — sharded
+    too, where the load itself is a collective (the local checks run on every process first)."""
     import os
     import subprocess
     import sys
@@ -220,15 +235,17 @@ def test_a_process_that_cannot_read_the_checkpoint_stops_all(tmp_path: Path) -> 
     from test_train import REPO, cli_args, free_port
 
     t, data = teacher(tmp_path), images(tmp_path)
-    cfg = config(tmp_path, t, data, steps=2, checkpoint_every=1)
+    rank = {"lora_rank": 0} if fsdp else {}
+    cfg = config(tmp_path, t, data, steps=2, checkpoint_every=1, **rank)
     train(cfg, progress=False)
-    longer = config(tmp_path, t, data, steps=3, checkpoint_every=1)
+    longer = config(tmp_path, t, data, steps=3, checkpoint_every=1, **rank)
     script = tmp_path / "rank_fails.py"
     script.write_text(RANK_FAILS)
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
            str(free_port()), str(script), *cli_args(longer), "--resume", "latest"]  # fmt: skip
+    cmd += ["--fsdp"] if fsdp else []
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0
     assert "resume: reading checkpoint" in done.stderr and "failed on process 1" in done.stderr, done.stderr[-2000:]

@@ -255,6 +255,24 @@ def prune_checkpoints(config: TrainConfig, keep: int) -> list[Path]:
     return old
 
 
+def check_checkpoint(folder: Path, config: TrainConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The checks of the checkpoint in ``folder`` that read only local files (``checkpoint.json`` and the run's
+    fingerprint, ``state.json``, the tensor files' headers), no collective: a run with several processes runs them
+    on every process first, so that one that cannot read the folder stops all before the sharded load's
+    collectives. Returns ``checkpoint.json`` and ``state.json``; ValueError as :func:`load_checkpoint`."""
+    meta_path = folder / "checkpoint.json"
+    if not meta_path.is_file():
+        raise ValueError(f"resume: {folder} is not a checkpoint folder (no checkpoint.json)")
+    meta = json.loads(meta_path.read_text())
+    expected = json.loads(json.dumps(config.fingerprint()))
+    changed = sorted(k for k in expected if meta.get(k) != expected[k])
+    if changed:
+        raise ValueError(f"resume: checkpoint {folder} is from another run (its {', '.join(changed)} differ)")
+    state = _state(folder)
+    _tensor_files(folder)
+    return meta, state
+
+
 def load_checkpoint(
     folder: Path | None, student: Any, target: Any | None, optimizer: Any, config: TrainConfig, scaler: Any = None,
     lr_scheduler: Any = None,
@@ -268,16 +286,7 @@ def load_checkpoint(
     if folder is None:
         return 0, []
     folder = Path(folder)
-    meta_path = folder / "checkpoint.json"
-    if not meta_path.is_file():
-        raise ValueError(f"resume: {folder} is not a checkpoint folder (no checkpoint.json)")
-    meta = json.loads(meta_path.read_text())
-    expected = json.loads(json.dumps(config.fingerprint()))
-    changed = sorted(k for k in expected if meta.get(k) != expected[k])
-    if changed:
-        raise ValueError(f"resume: checkpoint {folder} is from another run (its {', '.join(changed)} differ)")
-    state = _state(folder)
-    _tensor_files(folder)
+    meta, state = check_checkpoint(folder, config)
     optimizer = _unwrapped(optimizer)
     if _sharded(student, target):
         _load_sharded(folder, state, student, target, optimizer)

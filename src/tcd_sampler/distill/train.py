@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from ..schedulers.config_file import looks_local
 from .batches import FolderBatches, StreamBatches
 from .cache import EncodingCache
-from .checkpoints import find_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+from .checkpoints import check_checkpoint, find_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from .data import DataOptions, ImageCaptionDataset, detect_source
 from .export import is_pixel_pipeline, save_full_student, save_lora, save_pixel_pipeline, scheduler_settings, write_card
 from .losses import ema_update
@@ -150,14 +150,17 @@ def _gathered(target: Any, plain_class: Any) -> Any:
 
 
 def _check_engine() -> None:
-    """ValueError, before accelerate starts, for a launch under DeepSpeed (its engine steps the optimizer on every
+    """ValueError, before accelerate starts, for a launch under accelerate's FSDP plugin (``--fsdp`` shards with
+    FSDP2 itself) or DeepSpeed (its engine steps the optimizer on every
     backward and forces mixed precision off for the frozen models, which this trainer's own accumulation and casting
     do not fit): FSDP is the way to shard a full student."""
     import os
 
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true", "yes"):
-        raise ValueError("DeepSpeed is not supported by this trainer: launch with FSDP (accelerate launch "
-                         "--use_fsdp) to shard a full student, or DDP for a LoRA")  # fmt: skip
+    for engine in ("DEEPSPEED", "FSDP"):
+        if os.environ.get(f"ACCELERATE_USE_{engine}", "").lower() in ("1", "true", "yes"):
+            raise ValueError(f"accelerate's {'DeepSpeed' if engine == 'DEEPSPEED' else 'FSDP plugin'} is not "
+                             "supported by this trainer: to shard a full student pass --fsdp (FSDP2) under "
+                             "accelerate launch --multi_gpu; a LoRA trains under DDP")  # fmt: skip
 
 
 def _check_teacher(config: TrainConfig, unet_class: str | None) -> None:
@@ -241,7 +244,7 @@ def _everyone(accelerator: Any, work: Any, what: str) -> Any:
 
     try:
         result, problem = work(), None
-    except (OSError, ValueError, RuntimeError, KeyError, EOFError) as error:
+    except Exception as error:  # any failure: the other processes must hear of it, not wait
         result, problem = None, error
     problems = gather_object([None if problem is None else str(problem)])
     if problem is not None:
@@ -283,6 +286,8 @@ def _resume(accelerator: Any, run: Run, config: TrainConfig, scaler: Any, schedu
     if world > 1:
         folder = broadcast_object_list([folder], from_process=0)[0]
     target = None if run.target is run.student else run.target
+    if folder is not None:  # local checks on every process first: none enters the sharded load's collectives alone
+        _everyone(accelerator, lambda: check_checkpoint(Path(folder), config), f"resume: reading checkpoint {folder}")
     found: tuple[int, list[float]] = _everyone(
         accelerator, lambda: load_checkpoint(folder, run.student, target, run.optimizer, config, scaler, schedule),
         f"resume: reading checkpoint {folder}",
@@ -346,7 +351,9 @@ def train(config: TrainConfig, progress: bool = True) -> dict[str, Any]:
         _shard(run, config, run_dtype(accelerator.mixed_precision))
     scaler = accelerator.scaler  # fp16's gradient scaler (None otherwise): part of the state a resume restores
     # stepped once per optimizer step here (accelerate's wrapper would step it once per process)
-    schedule = get_scheduler(config.lr_scheduler, run.optimizer, num_warmup_steps=config.lr_warmup_steps,
+    name = config.lr_scheduler  # diffusers' "constant" ignores warm-up steps
+    name = "constant_with_warmup" if name == "constant" and config.lr_warmup_steps else name
+    schedule = get_scheduler(name, run.optimizer, num_warmup_steps=config.lr_warmup_steps,
                              num_training_steps=config.steps)  # fmt: skip
     start, losses = _resume(accelerator, run, config, scaler, schedule)
     if config.compile:
