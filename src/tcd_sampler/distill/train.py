@@ -401,6 +401,7 @@ def _loop(
     began = time.perf_counter()
     label = "train" if diffusion else "distill"
     bar = tqdm(range(start, config.steps), disable=not (progress and accelerator.is_main_process), desc=label)
+    sharded = is_sharded(run.target)  # its validation forwards are collectives
     pending: list[torch.Tensor] = []  # the losses not yet read back (read every LOG_EVERY steps: no sync a step)
 
     def read_losses(done: int) -> None:
@@ -438,7 +439,6 @@ def _loop(
             if accelerator.is_main_process:
                 prune_checkpoints(config, config.checkpoints_total_limit)
             accelerator.wait_for_everyone()
-        sharded = is_sharded(run.target)
         if validate and (accelerator.is_main_process or sharded):  # a sharded target's forwards need every process
             card = _card(config, pipe.scheduler.config, T, world, losses, prediction_type)
             grid = Path(config.output) / "validation" / f"step-{done:08d}.png"
