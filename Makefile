@@ -46,7 +46,8 @@ clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
 
 # The shipped digits models (src/tcd_sampler/assets/digits), rebuilt from scikit-learn's digits with the commands
-# docs/evaluation.md lists; every training run resumes from its latest checkpoint when interrupted.
+# docs/evaluation.md lists; every training run resumes from its latest checkpoint when interrupted. The package's
+# manifest of shipped files (src/tcd_sampler/assets/SHA256SUMS, checked before any shipped file loads) is written last.
 DIGITS := runs/digits
 DIGITS_ASSETS := src/tcd_sampler/assets/digits
 CLI := $(VENV)/bin/tcd-sampler
@@ -67,3 +68,4 @@ digits-models: $(VENV)/.dev
 		$(DIGITS)/teacher/card.json $(DIGITS_ASSETS)/teacher/
 	for s in tcd lcm; do cp -r $(DIGITS)/$$s/unet $(DIGITS)/$$s/card.json $(DIGITS_ASSETS)/$$s/; done
 	cp -r $(DIGITS)/classifier $(DIGITS_ASSETS)/classifier
+	$(PY) -m tcd_sampler.assets --write-manifest

@@ -16,6 +16,7 @@ import argparse
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -29,19 +30,12 @@ from PIL import Image
 from tcd_sampler.distill.batches import EpochOrder, FolderBatches
 from tcd_sampler.distill.data import DataOptions, ImageCaptionDataset, collate
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+# the rows of a step as the trainer found them before EpochOrder (a permutation made, and listed, every step): the
+# specification tests/test_loader.py holds the loader to
+from test_loader import reference_order as former_order
+
 SEED = 0
-
-
-def former_order(n: int, step: int, batch: int, seed: int) -> list[tuple[int, int]]:
-    """The rows of a step as the trainer found them before EpochOrder: the epoch's permutation made (and turned into
-    a list) every step."""
-    out: list[tuple[int, int]] = []
-    start = step * batch
-    while len(out) < batch:
-        epoch, offset = divmod(start + len(out), n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch)).tolist()
-        out.extend((i, epoch) for i in perm[offset : offset + batch - len(out)])
-    return out
 
 
 def make_folder(root: Path, count: int, size: int) -> None:

@@ -785,56 +785,50 @@ def estimate(family_name: str = "sdxl", rows: Sequence[int] = (1, 12), rank: int
     teacher_peak: dict[int, int] = {}
     inputs = {b: unet_inputs(cfg, b) for b in rows}
 
+    def student_rows(unet: Any, arrangement: str, weights: int, train_state: int, vae: dict[int, int],
+                     student_first: bool = False) -> dict[int, dict[bool, StudentPass]]:  # fmt: skip
+        """``arrangement``'s rows of the table (each of ``rows``, with and without checkpointing) for ``unet`` as it
+        is now; returns the passes measured, by rows."""
+        measured = {}
+        for b in rows:
+            args, kwargs = inputs[b]
+            target = nograd_peak(unet, args, kwargs)
+            measured[b] = passes = student_passes(unet, args, kwargs)
+            for ckpt in (False, True):
+                table.append(_student_row(
+                    arrangement, b, ckpt, passes, weights=weights, train_state=train_state, other=other, vae=vae[b],
+                    nograd=max(teacher_peak[b], target), student_first=student_first,
+                ))  # fmt: skip
+            say(f"  {arrangement}: rows {b} done")
+        return measured
+
     for list_name, targets in LORA_LISTS.items():
         unet = add_lora(build_unet(cfg), targets, rank)  # bf16 base, fp32 LoRA
         lora_checked[list_name] = parameter_count(unet, trainable=True)
         n_lora = lora_checked[list_name]
         for b in rows:
-            args, kwargs = inputs[b]
             if b not in teacher_peak:  # the teacher: the same UNet with its adapters disabled
+                args, kwargs = inputs[b]
                 unet.disable_adapters()
                 teacher_peak[b] = nograd_peak(unet, args, kwargs)
                 unet.enable_adapters()
-            target = nograd_peak(unet, args, kwargs)
-            passes = student_passes(unet, args, kwargs)
-            for ckpt in (False, True):
-                table.append(_student_row(
-                    f"(a) LoRA {list_name}, one bf16 base", b, ckpt, passes, weights=2 * n_base,
-                    train_state=16 * n_lora, other=other, vae=vae_peak[b], nograd=max(teacher_peak[b], target),
-                ))  # fmt: skip
-            say(f"  (a) {list_name} rows {b} done")
-            if list_name == "attention" and b == rows[0]:  # the derived checkpointed counts against a real one
-                actual, seen = student_pass(unet, args, kwargs)
-                result["checkpoint_cross_check"] = {
-                    "arrangement": "(a) attention", "rows": b, "derived_saved": passes[True].saved,
-                    "actual_saved": actual.saved, "derived_cache": passes[True].cache, "actual_cache": actual.cache,
-                    "checkpointed": sorted(t.__name__ for t in seen),
-                }  # fmt: skip
+        ours = student_rows(unet, f"(a) LoRA {list_name}, one bf16 base", 2 * n_base, 16 * n_lora, vae_peak)
+        if list_name == "attention":  # the derived checkpointed counts against a real one
+            args, kwargs = inputs[rows[0]]
+            actual, seen = student_pass(unet, args, kwargs)
+            result["checkpoint_cross_check"] = {
+                "arrangement": "(a) attention", "rows": rows[0], "derived_saved": ours[rows[0]][True].saved,
+                "actual_saved": actual.saved, "derived_cache": ours[rows[0]][True].cache, "actual_cache": actual.cache,
+                "checkpointed": sorted(t.__name__ for t in seen),
+            }  # fmt: skip
         if list_name == "lcm":  # (c) the LCM-LoRA script at bf16: cast_training_params only for fp16
             set_trainable_dtype(unet, bf16)
-            for b in rows:
-                args, kwargs = inputs[b]
-                target = nograd_peak(unet, args, kwargs)
-                passes = student_passes(unet, args, kwargs)
-                for ckpt in (False, True):
-                    table.append(_student_row(
-                        "(c) LCM-LoRA script (LoRA bf16)", b, ckpt, passes, weights=2 * n_base, train_state=8 * n_lora,
-                        other=other, vae=vae_peak_lcm[b], nograd=max(teacher_peak[b], target), student_first=True,
-                    ))  # fmt: skip
-                say(f"  (c) rows {b} done")
+            student_rows(unet, "(c) LCM-LoRA script (LoRA bf16)", 2 * n_base, 8 * n_lora, vae_peak_lcm,
+                         student_first=True)  # fmt: skip
         else:  # (b) the old arrangement: an fp32 copy of the base under the LoRA, a separate bf16 teacher
             set_frozen_dtype(unet, fp32)
-            for b in rows:
-                args, kwargs = inputs[b]
-                target = nograd_peak(unet, args, kwargs)
-                passes = student_passes(unet, args, kwargs)
-                for ckpt in (False, True):
-                    table.append(_student_row(
-                        f"(b) old: LoRA {list_name}, fp32 base + bf16 teacher", b, ckpt, passes,
-                        weights=4 * n_base + 2 * n_base, train_state=16 * n_lora, other=other, vae=vae_peak_old[b],
-                        nograd=max(teacher_peak[b], target),
-                    ))  # fmt: skip
-                say(f"  (b) rows {b} done")
+            student_rows(unet, f"(b) old: LoRA {list_name}, fp32 base + bf16 teacher", 4 * n_base + 2 * n_base,
+                         16 * n_lora, vae_peak_old)  # fmt: skip
         del unet
 
     # (d) a full student: FSDP (bf16 mixed precision: the forward sees bf16 unsharded params) and DDP (fp32 params)

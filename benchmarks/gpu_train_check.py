@@ -30,6 +30,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "src"), str(REPO / "tests")]
+from test_train import images as tiny_images  # noqa: E402 (the trainer tests' tiny SD teacher and image folder)
+from test_train import teacher as tiny_teacher  # noqa: E402
 
 KILL_AT = 12  # the step whose loss is the kill point (1-based call of batch_loss)
 KILLER = """
@@ -46,31 +48,6 @@ def wrapped(*args, **kwargs):
 train_module.batch_loss = wrapped
 sys.exit(main(sys.argv[1:]))
 """
-
-
-def make_teacher(root: Path) -> str:
-    """A tiny SD pipeline (the tests' tiny_pipelines.sd) with a DDPM schedule, saved to ``root/teacher``."""
-    from diffusers import DDPMScheduler
-
-    import tiny_pipelines
-
-    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
-    folder = root / "teacher"
-    tiny_pipelines.sd(scheduler).save_pretrained(folder)
-    return str(folder)
-
-
-def make_images(root: Path, n: int = 16) -> str:
-    from PIL import Image
-
-    folder = root / "images"
-    folder.mkdir()
-    g = torch.Generator().manual_seed(0)
-    for i in range(n):
-        pixels = (torch.rand(48, 48, 3, generator=g) * 255).to(torch.uint8).numpy()
-        Image.fromarray(pixels).save(folder / f"{i}.png")
-        (folder / f"{i}.txt").write_text(f"a picture number {i}")
-    return str(folder)
 
 
 def train_args(teacher: str, data: str, output: Path, lora_rank: int, steps: int) -> list[str]:
@@ -100,8 +77,9 @@ def sample_export(teacher: str, output: Path, lora: bool, device: str) -> bool:
     """Whether a 4-step image of the exported student (in the teacher's pipeline, the card's scheduler) is finite."""
     from diffusers import DiffusionPipeline, UNet2DConditionModel
 
-    from tcd_sampler.distill.export import scheduler_from_card
+    from tcd_sampler.distill.export import scheduler_from_card, verify_card_files
 
+    verify_card_files(output)  # the exported files are the ones its card records
     pipe = DiffusionPipeline.from_pretrained(teacher)
     if lora:
         pipe.load_lora_weights(str(output))
@@ -160,7 +138,7 @@ def main() -> int:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        teacher, data = make_teacher(root), make_images(root)
+        teacher, data = tiny_teacher(root), tiny_images(root, 16)  # the trainer tests' own
         for lora_rank in (8, 0):
             results.append(check(root, teacher, data, lora_rank, args.steps, device))
             print(json.dumps(results[-1], indent=2))

@@ -43,6 +43,9 @@ def main() -> None:
     args = parser.parse_args()
     from diffusers import DiffusionPipeline
 
+    from tcd_sampler.integrations.pipelines import verify_local_files
+
+    verify_local_files(args.teacher)  # the shipped teacher against the manifest, a trained one against its card
     pipe = DiffusionPipeline.from_pretrained(args.teacher)
     metrics = DigitMetrics(load_classifier(args.classifier), load_digits_split("test").images)
     labels = torch.arange(args.samples) % NUM_CLASSES

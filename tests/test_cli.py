@@ -186,6 +186,7 @@ def test_command_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
         (["generate", "--model", "m", "--prompt", "x", "--guidance", "nan"], ["argument --guidance", "got nan"]),
         (["generate", "--model", "m", "--prompt", "x", "--guidance", "inf"], ["argument --guidance", "finite"]),
         (["generate", "--model", "m", "--prompt", "x", "--seed", "-1"], ["argument --seed", "got -1"]),
+        (["generate", "--model", "m", "--prompt", "x", "--gamma", "inf"], ["argument --gamma", "finite", "got inf"]),
         (["distill", "--output", "d", "--steps", "0"], ["argument --steps", "[1, ∞]", "tcd-sampler distill --help"]),
         (["distill", "--output", "d", "--steps", "-5"], ["argument --steps", "got -5"]),
         (["distill", "--output", "d", "--warmup-steps", "-1"], ["argument --warmup-steps", "[0, ∞]", "got -1"]),
@@ -203,6 +204,21 @@ def test_command_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
 def test_argument_errors(argv: list[str], fragments: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     fails(argv, capsys, *fragments)
     assert capsys.readouterr().out == ""  # no usage block either
+
+
+def test_unit_float_types_state_their_own_ranges() -> None:
+    """``unit_float`` takes [0, 1] (--gamma, --caption-dropout, --ema-decay), ``positive_unit_float`` (0, 1] (a
+    learning rate): each error states the range that option really accepts."""
+    import argparse
+
+    from tcd_sampler.cli.arguments import positive_unit_float, unit_float
+
+    assert unit_float("0") == 0.0 and positive_unit_float("1e-4") == 1e-4 and positive_unit_float("1") == 1.0
+    for text in ("0", "-1", "2", "nan", "inf"):
+        with pytest.raises(argparse.ArgumentTypeError, match=r"^must be (a finite number )?in \(0.0, 1.0\], got"):
+            positive_unit_float(text)
+    with pytest.raises(argparse.ArgumentTypeError, match=r"^must be in \[0.0, 1.0\], got 2.0"):
+        unit_float("2")
 
 
 # --------------------------------------------------------------------- generate: refused before the model loads
@@ -579,9 +595,9 @@ def test_generate_write_fails_midway(
 
     monkeypatch.setattr(Image.Image, "save", save)
     argv = generate_argv(model_dirs["sd"], old, "--steps", "1", "--width", "32", "--height", "32")
-    fails(argv, capsys, "No space left on device", loaded=True)
+    fails(argv, capsys, f"cannot write {old}: no space left on device", loaded=True)
     argv = generate_argv(model_dirs["sd"], out / "new.png", "--steps", "1", "--width", "32", "--height", "32")
-    fails(argv, capsys, "No space left on device", loaded=True)
+    fails(argv, capsys, f"cannot write {out / 'new.png'}: no space left on device", loaded=True)
     assert [p.name for p in out.iterdir()] == ["keep.png"]  # no new file, no temporary file
     assert old.read_bytes() == b"the previous image"
 

@@ -27,6 +27,17 @@ def test_eta_out_of_range(eta: float) -> None:
         ready().step(X, 999, X, eta=eta)
 
 
+@pytest.mark.parametrize(
+    "setting",
+    ["timestep_scaling", "clip_sample_range", "sample_max_value", "eta", "beta_end", "dynamic_thresholding_ratio"],
+)
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_float_settings_must_be_finite(setting: str, value: float) -> None:
+    """No float setting takes inf or NaN (an infinite upper bound is an open end): the message names the setting."""
+    with pytest.raises(ValueError, match=rf"^{setting} must be (a finite number )?in [\[(]"):
+        TCDScheduler(**{setting: value})
+
+
 def test_eta_wrong_type() -> None:
     with pytest.raises(TypeError, match="eta must be a number"):
         ready().step(X, 999, X, eta="0.3")  # type: ignore[arg-type]

@@ -3,6 +3,7 @@ stochastic_sampling=True; in between it follows the TCD step on the flow path (f
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import diffusers
@@ -232,6 +233,32 @@ def test_a_timestep_from_another_schedule_is_looked_up_by_value() -> None:
     x = torch.zeros(1, 4)
     with pytest.raises(ValueError, match="is not in the schedule"):
         b.step(x, a.timesteps[1], x)
+
+
+@pytest.mark.parametrize(
+    ("config", "match"),
+    [
+        ({"shift": math.inf}, r"shift must be a finite number in \(0.0, ∞\), got inf"),
+        ({"shift": math.nan}, r"shift must be in \(0.0, ∞\), got nan"),
+        ({"shift": 0.0}, r"shift must be in \(0.0, ∞\), got 0.0"),
+        ({"base_shift": math.inf}, r"base_shift must be a finite number in \(-∞, ∞\)"),
+        ({"max_shift": math.nan}, r"max_shift must be in \(-∞, ∞\), got nan"),
+        ({"max_shift": -math.inf}, "max_shift must be a finite number"),
+        ({"max_image_seq_len": 0}, r"max_image_seq_len must be an integer in \[1, ∞\]"),
+    ],
+)
+def test_non_finite_settings_are_refused(config: dict[str, Any], match: str) -> None:
+    """``shift=inf`` used to be accepted and sample NaN; every float setting must be finite and in its range."""
+    with pytest.raises(ValueError, match=match):
+        FlowMatchTCDScheduler(**config)
+    with pytest.raises(ValueError, match=match):
+        FlowMatchTCDScheduler.from_config(config)  # a scheduler_config.json with it
+    sched = FlowMatchTCDScheduler()
+    with pytest.raises(ValueError, match="shift must be a finite number"):
+        sched.set_shift(math.inf)
+    assert FlowMatchTCDScheduler(base_shift=None).config["base_shift"] is None  # None, as diffusers allows
+    with pytest.raises(ValueError, match="mu_for needs base_shift"):
+        FlowMatchTCDScheduler(base_shift=None).mu_for(512)
 
 
 def test_more_bad_configs() -> None:

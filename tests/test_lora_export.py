@@ -10,10 +10,12 @@ harness's reason (``comfy_env.comfy_or_skip``) where the vendored ComfyUI or a d
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import logging
 import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -449,7 +451,7 @@ def test_interrupted_lora_write_leaves_no_partial_file(
     folder = tmp_path / "lora"
     fake, calls = half_then_fail(safetensors.torch.save_file, fail_on)
     monkeypatch.setattr(safetensors.torch, "save_file", fake)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(OSError, match=r"cannot write .*: no space left on device"):
         save_lora(unet, folder)
     assert len(calls) == fail_on and all(Path(p).parent == folder for p in calls)
     assert list(folder.iterdir()) == []  # neither target, nor a temporary file
@@ -461,7 +463,7 @@ def test_interrupted_lora_write_leaves_no_partial_file(
         next(p for n, p in unet.named_parameters() if ".lora_B" in n).add_(1.0)
     fake, _ = half_then_fail(safetensors.torch.save_file, fail_on)
     monkeypatch.setattr(safetensors.torch, "save_file", fake)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(OSError, match=r"cannot write .*: no space left on device"):
         save_lora(unet, folder)
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # the previous LoRA, untouched
 
@@ -477,7 +479,7 @@ def test_interrupted_student_and_card_writes(tmp_path: Path, monkeypatch: pytest
         raise OSError("No space left on device")
 
     monkeypatch.setattr(UNet2DConditionModel, "save_pretrained", half_written)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(OSError, match=r"cannot write .*: no space left on device"):
         save_full_student(unet, tmp_path / "student")
     assert list(tmp_path.iterdir()) == []  # no student folder, no temporary one
 
@@ -491,7 +493,7 @@ def test_interrupted_student_and_card_writes(tmp_path: Path, monkeypatch: pytest
         raise OSError("No space left on device")
 
     monkeypatch.setattr(Path, "write_text", write_half)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(OSError, match=r"cannot write .*: no space left on device"):
         write_card(tmp_path / "run", {**card, "steps": 2})
     monkeypatch.undo()
     assert [p.name for p in (tmp_path / "run").iterdir()] == [CARD_NAME]
@@ -505,3 +507,87 @@ def test_state_dicts_without_writing() -> None:
     assert len(comfy_sd) == 3 * len(diffusers_sd) // 2
     assert all(k.startswith("lora_unet_") for k in comfy_sd)
     assert export.COMFYUI_SUFFIX == "_comfyui.safetensors"
+
+
+# ---------------------------------------------------------------------------------------- checksums, permissions
+
+
+def test_the_card_records_the_results_and_their_loaders_check_them(tmp_path: Path) -> None:
+    """``write_card`` records the SHA-256 and size of the LoRA (both formats) or the ``unet/`` folder beside it;
+    ``verify_card_files`` (what loading such a folder calls) refuses a file with one flipped byte, naming it."""
+    from tcd_sampler import _checksums
+    from tcd_sampler.integrations.pipelines import verify_local_files
+
+    folder = save_lora(add_lora(sd(PipelineTCDScheduler()).unet, seed=8), tmp_path / "run")
+    (folder / "validation.png").write_bytes(b"not a result")  # other files are not recorded
+    write_card(folder, {"steps": 1, "scheduler": scheduler_settings(SD_TEACHER), "files": {"stale": "given"}})
+    card = load_card(folder)
+    comfy = comfyui_lora_path(folder).name
+    assert sorted(card["files"]) == sorted([LORA_WEIGHT_NAME, comfy])
+    for name, entry in card["files"].items():
+        data = (folder / name).read_bytes()
+        assert entry == {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    assert sorted(export.verify_card_files(folder)) == sorted([LORA_WEIGHT_NAME, comfy])
+    assert export.verify_card_files(folder, only=[comfy]) == [comfy]
+
+    data = bytearray((folder / LORA_WEIGHT_NAME).read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (folder / LORA_WEIGHT_NAME).write_bytes(bytes(data))
+    _checksums._clear_cache()
+    damaged = rf"{LORA_WEIGHT_NAME} is damaged \(sha256 differs from the one its card .*card\.json records\)"
+    with pytest.raises(ValueError, match=damaged):
+        export.verify_card_files(folder)
+    with pytest.raises(ValueError, match=damaged):
+        verify_local_files(folder)  # what load_pipeline(lora=folder) and `generate --lora` check
+    with pytest.raises(ValueError, match=damaged):
+        verify_local_files(folder / LORA_WEIGHT_NAME)
+    verify_local_files(folder / comfy)  # the intact file alone passes
+    (folder / comfy).write_bytes(b"cut")
+    with pytest.raises(ValueError, match=r"is damaged \(3 bytes; its card .* records \d+\)"):
+        export.verify_card_files(folder, only=[comfy])
+
+    student = tmp_path / "full"  # a full student: unet/ beside the card
+    save_full_student(sd(PipelineTCDScheduler()).unet, student / "unet")
+    write_card(student, {"scheduler": scheduler_settings(SD_TEACHER)})
+    assert sorted(load_card(student)["files"]) == ["unet/config.json", "unet/diffusion_pytorch_model.safetensors"]
+    assert export.verify_card_files(student, only=["unet"]) == sorted(load_card(student)["files"])
+
+
+def test_cards_without_files_and_malformed_files(tmp_path: Path) -> None:
+    write_card(tmp_path / "empty", {"scheduler": scheduler_settings(SD_TEACHER)})
+    assert "files" not in load_card(tmp_path / "empty")  # nothing to record: no entry, as before
+    assert export.verify_card_files(tmp_path / "empty") == []
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / CARD_NAME).write_text('{"files": 3}')  # another tool's card.json: not ours, not checked
+    assert export.verify_card_files(tmp_path / "foreign") == []
+    card = json.loads((tmp_path / "empty" / CARD_NAME).read_text())
+    for files, message in [
+        ({"../x": {"sha256": "0" * 64, "bytes": 1}}, "not a relative path"),
+        ({"x": {"sha256": "xyz", "bytes": 1}}, "must be"),
+        ([], "must be a mapping"),
+    ]:
+        (tmp_path / "empty" / CARD_NAME).write_text(json.dumps({**card, "files": files}))
+        with pytest.raises(ValueError, match=message):
+            load_card(tmp_path / "empty")
+        with pytest.raises(ValueError, match=message):
+            export.verify_card_files(tmp_path / "empty")
+
+
+def test_exported_files_get_the_modes_a_plain_open_gives(tmp_path: Path) -> None:
+    """safetensors writes 0600 and ``mkdtemp`` makes 0700: the exported LoRA, student folder and their files get the
+    mode the card gets, what the umask gives a plain ``open()``/``mkdir()``."""
+    old = os.umask(0o027)
+    try:
+        folder = save_lora(add_lora(sd(PipelineTCDScheduler()).unet, seed=9), tmp_path / "run")
+        card = write_card(folder, {"scheduler": scheduler_settings(SD_TEACHER)})
+        student = save_full_student(sd(PipelineTCDScheduler()).unet, tmp_path / "run" / "unet")
+    finally:
+        os.umask(old)
+    mode = card.stat().st_mode & 0o777
+    assert mode == 0o640
+    for file in (folder / LORA_WEIGHT_NAME, comfyui_lora_path(folder), *student.iterdir()):
+        assert file.stat().st_mode & 0o777 == mode, file
+    assert student.stat().st_mode & 0o777 == 0o750
+    os.chmod(folder / LORA_WEIGHT_NAME, 0o600)  # a replaced file keeps the mode its owner gave it
+    save_lora(add_lora(sd(PipelineTCDScheduler()).unet, seed=10), folder)
+    assert (folder / LORA_WEIGHT_NAME).stat().st_mode & 0o777 == 0o600

@@ -242,9 +242,11 @@ def test_a_process_that_cannot_read_the_checkpoint_stops_all(tmp_path: Path, fsd
     script = tmp_path / "rank_fails.py"
     script.write_text(RANK_FAILS)
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
+    # more steps, and the CLI's data options (the in-process run's min_size is not the CLI's default)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-           str(free_port()), str(script), *cli_args(longer), "--resume", "latest"]  # fmt: skip
+           str(free_port()), str(script), *cli_args(longer), "--resume", "latest", "--allow-change",
+           "steps,data_options"]  # fmt: skip
     cmd += ["--fsdp"] if fsdp else []
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0
@@ -297,10 +299,10 @@ def test_a_full_student_sharded_over_two_processes(tmp_path: Path) -> None:
     out = Path(two.output)
     assert (out / "validation" / "step-00000003.png").is_file()
     assert sorted(p.name for p in (out / "checkpoints" / "step-00000002").glob("shard-*.safetensors"))
-    exported = UNet2DConditionModel.from_pretrained(out / "unet")
-    plain = UNet2DConditionModel.from_pretrained(Path(one.output) / "unet")
-    for (name, a), b in zip(plain.state_dict().items(), exported.state_dict().values(), strict=True):
-        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
+    exported = UNet2DConditionModel.from_pretrained(out / "unet").state_dict()
+    plain = UNet2DConditionModel.from_pretrained(Path(one.output) / "unet").state_dict()
+    start = UNet2DConditionModel.from_pretrained(Path(t) / "unet").state_dict()  # the EMA target starts as the teacher
+    assert update_difference(plain, exported, start) < SAME_UPDATE
     # resumed by two processes from the sharded step-2 checkpoint: the same end
     (out / "card.json").unlink()
     resumed = subprocess.run([*launch, str(free_port()), "-m", "tcd_sampler.cli", *args, "--resume",

@@ -21,6 +21,7 @@ __all__ = [
     "non_negative_float",
     "non_negative_int",
     "positive_int",
+    "positive_unit_float",
     "print_error",
     "seed",
     "strength",
@@ -76,15 +77,14 @@ positive_int = argument_type(int, check_int, 1)
 non_negative_int = argument_type(int, check_int, 0)
 seed = argument_type(int, check_int, 0, 2**63 - 1)
 strength = argument_type(float, check_number, 0.0, 1.0, low_open=True)
-unit_float = argument_type(float, check_number, 0.0, 1.0)
+unit_float = argument_type(float, check_number, 0.0, 1.0)  # [0, 1]: --gamma, --caption-dropout, --ema-decay
+positive_unit_float = argument_type(float, check_number, 0.0, 1.0, low_open=True)  # (0, 1]: --lr
 non_negative_float = argument_type(float, check_number, 0.0, math.inf)
 
 
 def guidance(text: str) -> float:
-    """A classifier-free guidance scale: a finite number ≥ 0."""
+    """A classifier-free guidance scale: a finite number ≥ 0 (``non_negative_float`` refuses ``inf`` and ``nan``)."""
     value: float = non_negative_float(text)
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number ≥ 0, got {text}")
     return value
 
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..distill.train_config import LR_SCHEDULERS, OPTIMIZERS, TRACKERS, TrainConfig
-from .arguments import guidance, multiple_of_8, non_negative_int, positive_int, seed, unit_float
+from ..distill.train_config import CHANGEABLE, LR_SCHEDULERS, NONFINITE, OPTIMIZERS, TRACKERS, TrainConfig
+from .arguments import guidance, multiple_of_8, non_negative_int, positive_int, positive_unit_float, seed, unit_float
 
 __all__ = ["add_train_parser"]
 
@@ -38,7 +38,7 @@ def add_train_parser(sub: Any) -> None:
     p.add_argument("--resolution", type=multiple_of_8, default=512, help="training image side (default 512)")
     p.add_argument("--batch-size", type=positive_int, default=4, help="global batch, split across processes (4)")
     p.add_argument("--steps", type=positive_int, default=1000, help="optimizer steps (default 1000)")
-    p.add_argument("--lr", type=unit_float, default=1e-4, help="learning rate in (0, 1] (default 1e-4)")
+    p.add_argument("--lr", type=positive_unit_float, default=1e-4, help="learning rate in (0, 1] (default 1e-4)")
     p.add_argument("--lr-scheduler", choices=LR_SCHEDULERS, default=TrainConfig.lr_scheduler,
                    help="the learning rate over the steps, after the warm-up (default constant)")  # fmt: skip
     p.add_argument("--lr-warmup-steps", type=non_negative_int, default=TrainConfig.lr_warmup_steps,
@@ -57,6 +57,16 @@ def add_train_parser(sub: Any) -> None:
     p.add_argument("--checkpoints-total-limit", type=non_negative_int, default=TrainConfig.checkpoints_total_limit,
                    metavar="N", help="keep only the N newest checkpoints (default 0: all)")  # fmt: skip
     p.add_argument("--resume", help="'latest' or a checkpoint folder to resume from")
+    p.add_argument("--allow-change", type=_changes, default=(), metavar="SETTINGS", dest="allow_changes",
+                   help="settings a resume may change from its checkpoint's, joined by commas, applied from the "
+                   f"resume point and recorded in the card: {', '.join(CHANGEABLE)} (default: none)")  # fmt: skip
+    p.add_argument("--overwrite", action="store_true", help="start over in an output folder that holds another "
+                   "run's checkpoints or results (they are removed; the encodings cache stays)")  # fmt: skip
+    p.add_argument("--on-nonfinite", choices=NONFINITE, default=TrainConfig.on_nonfinite,
+                   help="at a step with a NaN or infinite loss or gradient: stop (naming it; nothing of it is saved) "
+                   "or skip its update (default stop)")  # fmt: skip
+    p.add_argument("--ema-device", choices=["cpu"], help="keep a full student's EMA target in host memory (less "
+                   "accelerator memory, a copy to the host every step; not with --fsdp)")  # fmt: skip
     p.add_argument("--gradient-accumulation", type=positive_int, default=1, help="micro-batches per step (1)")
     p.add_argument("--validation-every", type=non_negative_int, default=0,
                    help="write a grid of TCD samples at 1/2/4/8 steps every N steps (default 0: never)")  # fmt: skip
@@ -88,6 +98,16 @@ def add_train_parser(sub: Any) -> None:
     p.set_defaults(func=_cmd_train)
 
 
+def _changes(text: str) -> tuple[str, ...]:
+    """``--allow-change``: setting names of CHANGEABLE joined by commas."""
+    names = tuple(name.strip() for name in text.split(","))
+    unknown = [name for name in names if name not in CHANGEABLE]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"expected settings from {', '.join(CHANGEABLE)} joined by commas, got "
+                                         f"{', '.join(map(repr, unknown))}")  # fmt: skip
+    return names
+
+
 def _lora_targets(text: str) -> str | tuple[str, ...]:
     """``--lora-targets``: a preset name (default, attention) or module names separated by commas."""
     if text in ("default", "attention"):
@@ -117,9 +137,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
         gradient_checkpointing=args.gradient_checkpointing, lr_scheduler=args.lr_scheduler,
         lr_warmup_steps=args.lr_warmup_steps, optimizer=args.optimizer, allow_tf32=args.allow_tf32,
         compile=args.compile, fsdp=args.fsdp, checkpoints_total_limit=args.checkpoints_total_limit,
+        allow_changes=args.allow_changes, overwrite=args.overwrite, on_nonfinite=args.on_nonfinite,
+        ema_device=args.ema_device,
         data_options=DataOptions(resolution=args.resolution, caption_dropout=args.caption_dropout, seed=args.seed),
     )  # fmt: skip
     card = train(config, progress=not args.no_progress)
-    if card["losses"]:
-        print(f"trained {card['steps']} steps on {card['processes']} process(es); final loss {card['losses'][-1]:.5g}")
+    done = [loss for loss in card["losses"] if loss is not None]
+    if done:
+        skipped = f" ({len(card['skipped_steps'])} skipped)" if card["skipped_steps"] else ""
+        print(f"trained {card['steps']} steps{skipped} on {card['processes']} process(es); final loss {done[-1]:.5g}")
     return 0

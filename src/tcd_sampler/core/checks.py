@@ -4,6 +4,7 @@ wrong value."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,14 +23,19 @@ __all__ = [
 
 
 def check_number(name: str, value: Any, low: float, high: float, *, low_open: bool = False) -> float:
-    """``value`` as a float in ``[low, high]`` (``(low, high]`` with ``low_open``), else a TypeError/ValueError."""
+    """``value`` as a float in ``[low, high]`` (``(low, high]`` with ``low_open``), else a TypeError/ValueError.
+
+    The value must be finite: NaN is never in range, and an infinite bound is an open end (``high=math.inf`` means
+    every finite value from ``low`` on, written ``[low, ∞)`` in the message), so no setting takes ``inf``."""
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     v = float(value)
-    ok = (low < v if low_open else low <= v) and v <= high
+    ok = math.isfinite(v) and (low < v if low_open else low <= v) and v <= high
     if not ok:
-        bracket = "(" if low_open else "["
-        raise ValueError(f"{name} must be in {bracket}{low}, {high}], got {value}")
+        opening = "(-∞" if low == -math.inf else f"({low}" if low_open else f"[{low}"
+        closing = "∞)" if high == math.inf else f"{high}]"
+        finite = "a finite number " if math.isinf(v) else ""
+        raise ValueError(f"{name} must be {finite}in {opening}, {closing}, got {value}")
     return v
 
 

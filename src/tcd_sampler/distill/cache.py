@@ -108,6 +108,7 @@ class EncodingCache:
         self._stored: dict[int, tuple[Path, int]] = {}  # written latents: their shard and row
         self._read: set[str] = set()  # the shards read or written
         self._token, self._written = secrets.token_hex(4), 0
+        self._captions: set[str] | None = None  # the data's distinct captions (by :meth:`complete`)
         if self.folder is not None:
             if key is None:
                 raise ValueError("key is needed with a folder: what the encodings depend on (teacher, data, …)")
@@ -117,6 +118,21 @@ class EncodingCache:
     def has(self, index: int) -> bool:
         """Whether the latents of dataset index ``index`` are cached (in memory or in the folder)."""
         return index in self.latents or index in self._stored
+
+    def complete(self, dataset: Any) -> bool:
+        """Whether every image of ``dataset`` has its latents cached (in memory or, after a look at the folder, in
+        it) and, for a pipeline with a text encoder, every caption and the empty one their encodings: no encoder is
+        needed for a batch from now on. Cheap while incomplete (counts compared first)."""
+        n = len(dataset)
+        if len(self.latents) + len(self._stored) < n and self.folder is not None:
+            self._refresh()
+        if len(self.latents) + len(self._stored) < n or not all(self.has(i) for i in range(n)):
+            return False
+        if getattr(self.pipe, "text_encoder", None) is None:
+            return True
+        if self._captions is None:
+            self._captions = {record.caption for record in dataset.records} | {""}
+        return len(self.text) >= len(self._captions) and self._captions <= self.text.keys()
 
     def batch(
         self, dataset: Any, rows: list[tuple[int, int]], decoded: Decoded | None = None

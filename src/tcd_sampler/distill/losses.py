@@ -173,17 +173,36 @@ def distillation_loss(
     return distance(f(student, x, t, t_m), target, kind, huber_c)
 
 
+#: Bytes of the student copied to the host at a time for an EMA target there (:func:`ema_update`).
+EMA_CHUNK = 256 << 20
+
+
 @torch.no_grad()
 def ema_update(target: torch.nn.Module, source: torch.nn.Module, decay: float) -> None:
     """The loss's target network as the exponential moving average of the student: ``θ⁻ ← μ·θ⁻ + (1 − μ)·θ`` with
     ``μ = decay``, parameter by parameter (the two networks have the same architecture), in one ``_foreach_lerp_``.
     Sharded networks (:func:`tcd_sampler.distill.sharding.shard`, both alike) update their local shards: no
-    communication."""
+    communication. A target on another device than the source (an EMA in host memory) is updated there, the source
+    copied over in chunks of :data:`EMA_CHUNK` bytes."""
     targets, sources = list(target.parameters()), list(source.parameters())
     if len(targets) != len(sources):
         raise ValueError(f"ema_update: the target has {len(targets)} parameters, the source {len(sources)}")
-    if targets:
-        torch._foreach_lerp_([_local(p) for p in targets], [_local(p) for p in sources], 1 - decay)
+    if not targets:
+        return
+    local_targets, local_sources = [_local(p) for p in targets], [_local(p) for p in sources]
+    if local_targets[0].device == local_sources[0].device:
+        torch._foreach_lerp_(local_targets, local_sources, 1 - decay)
+        return
+    # a target in host memory (TrainConfig.ema_device): the source copied over in chunks of about EMA_CHUNK bytes
+    start = 0
+    while start < len(local_targets):
+        stop, size = start, 0
+        while stop < len(local_targets) and (stop == start or size < EMA_CHUNK):
+            size += local_sources[stop].numel() * local_sources[stop].element_size()
+            stop += 1
+        copies = [s.to(t.device) for s, t in zip(local_sources[start:stop], local_targets[start:stop], strict=True)]
+        torch._foreach_lerp_(local_targets[start:stop], copies, 1 - decay)
+        start = stop
 
 
 def _local(p: torch.Tensor) -> torch.Tensor:

@@ -147,9 +147,14 @@ class Run:
 
 
 def load_pipeline(teacher: str) -> Any:
-    """The diffusers pipeline ``teacher`` (a folder or Hub id); ValueError when it has no UNet."""
+    """The diffusers pipeline ``teacher`` (a folder or Hub id); ValueError when it has no UNet, or when a local
+    folder's files differ from what its card records (a teacher trained here) or from the package's manifest (a
+    shipped one): :func:`~tcd_sampler.integrations.pipelines.verify_local_files`."""
     from diffusers import DiffusionPipeline
 
+    from ..integrations.pipelines import verify_local_files
+
+    verify_local_files(teacher)
     pipe = DiffusionPipeline.from_pretrained(teacher)
     if not hasattr(pipe, "unet"):
         raise ValueError(f"teacher {teacher} is a {type(pipe).__name__}, not a UNet pipeline")
@@ -232,15 +237,17 @@ def _guidance_conditioned(teacher: Any, dim: int) -> Any:
     return student.to(next(teacher.parameters()).dtype)
 
 
-def place(pipe: Any, run: Run, accelerator: Any) -> None:
+def place(pipe: Any, run: Run, accelerator: Any, ema_device: str | None = None) -> None:
     """Move the models to the run's device and, with mixed precision, cast the text encoders to its dtype (the
     teacher was cast by :func:`build_models`; the VAE stays float32: SDXL's overflows in float16; the target stays
-    float32, as the student)."""
+    float32, as the student). ``ema_device``: where a full student's EMA target goes instead (``"cpu"``); None
+    (default): the run's device."""
     dtype = run_dtype(accelerator.mixed_precision)
     pipe.to(accelerator.device)
     if dtype is not None:
         for name in ("text_encoder", "text_encoder_2"):
             if getattr(pipe, name, None) is not None:
                 getattr(pipe, name).to(dtype)
-    for model in (run.student, run.target):
-        model.to(accelerator.device)
+    run.student.to(accelerator.device)
+    if run.target is not run.student:
+        run.target.to(ema_device or accelerator.device)

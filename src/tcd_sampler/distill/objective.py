@@ -94,6 +94,14 @@ class Draws:
         """The draws of samples ``start … stop − 1`` (one process's share of the global batch)."""
         return Draws(*(v[start:stop] for v in (self.t, self.t_n, self.t_m, self.omega, self.noise)))
 
+    def to(self, device: torch.device) -> Draws:
+        """The draws on ``device``: on a CUDA device copied from pinned memory without waiting (no host sync);
+        elsewhere as they are."""
+        if device.type != "cuda":
+            return self
+        fields = (self.t, self.t_n, self.t_m, self.omega, self.noise)
+        return Draws(*(v.pin_memory().to(device, non_blocking=True) for v in fields))
+
 
 def draw(objective: Objective, num_train_timesteps: int, shape: tuple[int, ...], generator: torch.Generator) -> Draws:
     """The draws of a global batch of latents of ``shape`` (batch first) from ``generator``, in a fixed order."""

@@ -130,15 +130,27 @@ def save_student(model: Student, card: dict[str, Any], directory: str | Path) ->
 def load_student(directory: str | Path) -> LoadedStudent:
     """Read a student written by :func:`save_student` (e.g. the ones shipped in ``tcd_sampler/assets``).
 
+    A shipped student is checked against the package's manifest first (:func:`tcd_sampler.assets.verify`), and any
+    student against the ``files`` its card records, if it records them
+    (:func:`~tcd_sampler.distill.export.verify_card_files`).
+
     Args:
         directory: the student's folder; FileNotFoundError if it lacks either file.
+
+    Raises:
+        ValueError: a file is damaged (the message names it).
     """
     from safetensors.torch import load_file
+
+    from ..assets import verify
+    from .export.card import verify_card_files
 
     path = Path(directory)
     if not (path / WEIGHTS_NAME).is_file() or not (path / CARD_NAME).is_file():
         raise FileNotFoundError(f"{path} holds no {WEIGHTS_NAME} and {CARD_NAME}")
+    verify(path)
     card = json.loads((path / CARD_NAME).read_text(encoding="utf-8"))
+    verify_card_files(path, card)
     config = DistillConfig(**card["config"])
     model = Student(card["data"]["dim"], config.hidden, config.depth, config.time_features, config.num_train_timesteps)
     model.load_state_dict(load_file(str(path / WEIGHTS_NAME)))

@@ -11,7 +11,7 @@ from ..core.checks import check_bool, check_choice, check_int, check_number
 from .data import DataOptions
 from .objective import Objective
 
-__all__ = ["LR_SCHEDULERS", "OPTIMIZERS", "TRACKERS", "TrainConfig"]
+__all__ = ["CHANGEABLE", "LR_SCHEDULERS", "NONFINITE", "OPTIMIZERS", "TRACKERS", "TrainConfig", "resume_differences"]
 
 MIB = 1 << 20
 #: The accelerate trackers a run can log to, with the module each needs.
@@ -22,6 +22,16 @@ TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 #: The optimizers, with the module each needs: torch's AdamW, or bitsandbytes' 8-bit AdamW (its states in 8 bits).
 OPTIMIZERS = {"adamw": "torch", "adamw8bit": "bitsandbytes"}
+#: What a run does at a step whose loss or gradient is not finite: stop (naming it; nothing non-finite is saved) or
+#: skip that step's update.
+NONFINITE = ("stop", "skip")
+#: The settings a resumed run may change from its checkpoint's, each only where named in ``allow_changes`` (they take
+#: effect from the resume point and the card records them); the others of :meth:`TrainConfig.fingerprint` define the
+#: run and never change. Settings outside the fingerprint (validation, logging, checkpointing, data workers, caching,
+#: compile, TF32, gradient checkpointing and accumulation, FSDP) change freely: they do not change the result beyond
+#: float32 rounding.
+CHANGEABLE = ("lr", "lr_scheduler", "lr_warmup_steps", "steps", "max_grad_norm", "ema_decay", "mixed_precision",
+              "data", "resolution", "data_options")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -86,6 +96,22 @@ class TrainConfig:
         data_workers: DataLoader worker processes per training process that read and crop the images ahead of the
             steps (0: in the training process, when a step needs them). Default 2.
         data_options: how images are cropped and bad data handled (its resolution is replaced by ``resolution``).
+        on_nonfinite: at a step whose loss or gradient is not finite (NaN or infinite): ``"stop"`` (default) ends the
+            run with a ValueError naming the step and the tensor, before anything of that step or later is saved
+            (the last checkpoint stays the one ``resume="latest"`` takes); ``"skip"`` drops that step's update (the
+            step still counts) and lists it in the card's ``skipped_steps``; skip reads a flag back every step.
+        overwrite: start a new run in an ``output`` folder that holds another run's checkpoints or results, removing
+            them first (the encodings cache stays). Default False: such a folder is refused unless resumed.
+        allow_changes: the settings of :data:`CHANGEABLE` a resumed run may change from its checkpoint's (they
+            take effect from the resume point, the optimizer's learning rate included, and the card lists them as
+            changes at that step). Default none: a resume with another such setting is refused, naming each.
+        ema_device: where a full student's EMA target lives: None (default) on the run's device, ``"cpu"`` in host
+            memory (a full float32 copy of the UNet less on the accelerator, for the copy of the student to the host
+            and an update on the CPU every step; moved to the accelerator for validation). Not with ``fsdp`` (which
+            shards it) or a LoRA (its own target).
+        data_identity: what the data is, for the fingerprint: filled by :func:`~tcd_sampler.distill.train.train`
+            (a scanned folder's :meth:`~tcd_sampler.distill.data.ImageCaptionDataset.fingerprint`, a stream's path).
+            Default None.
     """
 
     teacher: str
@@ -121,6 +147,11 @@ class TrainConfig:
     cache_encodings: bool = False
     cache_dir: str | None = None
     data_workers: int = 2
+    on_nonfinite: str = "stop"
+    overwrite: bool = False
+    allow_changes: tuple[str, ...] = ()
+    ema_device: str | None = None
+    data_identity: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("teacher", "data", "output"):
@@ -170,15 +201,64 @@ class TrainConfig:
                              "flip changes an image's latents every epoch")  # fmt: skip
         if self.log_with is not None:
             check_choice("log_with", self.log_with, tuple(TRACKERS))
+        check_choice("on_nonfinite", self.on_nonfinite, NONFINITE)
+        check_bool("overwrite", self.overwrite)
+        if isinstance(self.allow_changes, str) or not all(isinstance(n, str) for n in self.allow_changes):
+            raise ValueError(f"allow_changes must be a sequence of setting names from {CHANGEABLE}")
+        for name in self.allow_changes:
+            check_choice("allow_changes", name, CHANGEABLE)
+        object.__setattr__(self, "allow_changes", tuple(self.allow_changes))
+        if self.ema_device is not None:
+            check_choice("ema_device", self.ema_device, ("cpu",))
+            if self.fsdp or (self.lora_rank and self.objective.method != "diffusion"):
+                raise ValueError("ema_device='cpu' is for a full student's EMA target under DDP (with fsdp the EMA is "
+                                 "sharded; a LoRA is its own target)")  # fmt: skip
         object.__setattr__(self, "data_options", replace(self.data_options, resolution=self.resolution))
 
     def fingerprint(self) -> dict[str, Any]:
-        """What a checkpoint must share with the run that resumes it (the teacher by its path and, for a local
-        folder, its UNet's files: :func:`teacher_identity`)."""
-        return {"teacher": self.teacher, "teacher_unet": teacher_identity(self.teacher),
-                "objective": asdict(self.objective), "lora_rank": self.lora_rank, "lora_alpha": self.lora_alpha,
-                "lora_targets": self.lora_targets,
-                "batch_size": self.batch_size, "seed": self.seed}  # fmt: skip
+        """Every setting that changes the result, as JSON values: what a checkpoint records and a resume compares
+        (:func:`resume_differences`). The teacher is identified by its content where it is a local folder
+        (:func:`teacher_identity`: the same teacher by another path is the same), by its id otherwise; the data by
+        ``data_identity`` (its path where unset)."""
+        import json
+
+        options = {k: v for k, v in asdict(self.data_options).items() if k not in ("resolution", "seed")}
+        own_target = bool(self.lora_rank) and self.objective.method != "diffusion"  # a LoRA: no EMA
+        found = {"teacher": teacher_identity(self.teacher) or self.teacher, "objective": asdict(self.objective),
+                 "lora_rank": self.lora_rank, "lora_alpha": self.lora_alpha, "lora_targets": self.lora_targets,
+                 "optimizer": self.optimizer, "batch_size": self.batch_size, "seed": self.seed, "lr": self.lr,
+                 "lr_scheduler": self.lr_scheduler, "lr_warmup_steps": self.lr_warmup_steps, "steps": self.steps,
+                 "max_grad_norm": self.max_grad_norm, "ema_decay": None if own_target else self.ema_decay,
+                 "mixed_precision": self.mixed_precision, "data": self.data_identity or self.data,
+                 "resolution": self.resolution, "data_options": options}  # fmt: skip
+        result: dict[str, Any] = json.loads(json.dumps(found, default=str))
+        return result
+
+
+def resume_differences(saved: dict[str, Any], config: TrainConfig) -> tuple[dict[str, str], dict[str, str]]:
+    """How ``config`` differs from a checkpoint's recorded fingerprint ``saved``: the settings that define another
+    run (a resume is refused) and the :data:`CHANGEABLE` ones (a resume applies them where ``allow_changes`` names
+    them), each by name as ``"saved → now"`` (a key the checkpoint lacks reads as ``None``)."""
+    now = config.fingerprint()
+    other: dict[str, str] = {}
+    changed: dict[str, str] = {}
+    for key in sorted(now):
+        if saved.get(key) != now[key]:
+            (changed if key in CHANGEABLE else other)[key] = _difference(saved.get(key), now[key])
+    return other, changed
+
+
+def _difference(saved: Any, now: Any) -> str:
+    """``"saved → now"``; for two dicts (the objective, the data options), only their entries that differ, by name."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        keys = [k for k in dict.fromkeys([*saved, *now]) if saved.get(k) != now.get(k)]
+        return ", ".join(f"{k} {_short(saved.get(k))} → {_short(now.get(k))}" for k in keys)
+    return f"{_short(saved)} → {_short(now)}"
+
+
+def _short(value: Any) -> str:
+    text = str(value)
+    return text if len(text) <= 60 else text[:28] + "…" + text[-28:]
 
 
 def teacher_identity(teacher: str) -> str | None:

@@ -47,6 +47,7 @@ __all__ = [
     "minimum_strength",
     "prepare_request",
     "scheduler_for",
+    "verify_local_files",
 ]
 
 #: Pipelines whose model is LCM-distilled: TCD runs them with the consistency boundary condition.
@@ -161,6 +162,28 @@ def _dtype_keyword() -> str:
     return "dtype"
 
 
+def verify_local_files(path: str | Path) -> None:
+    """Check a local model or LoRA (a folder, or a file in one) before it loads: a shipped file against the
+    package's manifest (:func:`tcd_sampler.assets.verify`), a trainer's result against the ``files`` its
+    ``card.json`` records (:func:`~tcd_sampler.distill.export.verify_card_files`). Hub ids and folders without a
+    tcd-sampler card pass unchecked.
+
+    Raises:
+        ValueError: a file is damaged (the message names it).
+    """
+    from ..assets import verify
+    from ..distill.export.card import verify_card_files
+
+    local = Path(path)
+    if not local.exists():
+        return  # a Hub id
+    verify(local)
+    if local.is_dir():
+        verify_card_files(local)
+    else:
+        verify_card_files(local.parent, only=[local.name])
+
+
 def load_pipeline(
     model: str,
     gamma: float = 0.3,
@@ -178,7 +201,9 @@ def load_pipeline(
             unless the call sets it), so call them with ``eta=gamma``: ``pipe(prompt, eta=0.3, ...)``
             (:func:`generate` does). Default 0.3.
         task: which auto pipeline to build. Default ``text2image``.
-        lora: a LoRA (folder, file or repo id) to load and fuse, e.g. ``h1t/TCD-SDXL-LoRA``. Default None.
+        lora: a LoRA (folder, file or repo id) to load and fuse, e.g. ``h1t/TCD-SDXL-LoRA``; one whose card records
+            its files' checksums (a ``tcd-sampler train`` output) is checked first (:func:`verify_local_files`).
+            Default None.
         device: where to run (checked by :func:`check_device`); default CUDA when available (float16 for UNet
             models, bfloat16 for flow transformers such as FLUX and SD3), else CPU (float32).
         noise_seed: the scheduler's :attr:`~tcd_sampler.TCDScheduler.noise_seed`: the seed of the step noise of
@@ -199,6 +224,9 @@ def load_pipeline(
     # half precision on CUDA: bfloat16 for flow transformers (FLUX overflows in float16), float16 for UNets
     dtype = (torch.bfloat16 if flow else torch.float16) if device.startswith("cuda") else torch.float32
     scheduler.noise_seed = noise_seed
+    verify_local_files(model)
+    if lora:
+        verify_local_files(lora)
     try:
         with _quiet_legacy_scheduler_checks():
             pipe = auto.from_pretrained(model, scheduler=scheduler, **{_dtype_keyword(): dtype})

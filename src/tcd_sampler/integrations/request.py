@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from .._files import folder_problem
+from .._images import deep_to_8bit
 
 __all__ = [
     "GenerationRequest",
@@ -170,11 +171,13 @@ def _open_image(path: Path, option: str, mode: str) -> Any:
     try:
         with Image.open(path) as opened:
             opened.load()  # decodes it all: truncated and corrupt files fail here, not in the pipeline
-            return ImageOps.exif_transpose(opened).convert(mode)
+            image = ImageOps.exif_transpose(opened)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise ValueError(
             f"{option} {path} is not a readable image ({err}); pass a PNG, JPEG, WebP or another file Pillow can open"
         ) from None
+    # 16-bit, 32-bit and float grey by their range (convert would clip them at 255); ValueError naming the file
+    return deep_to_8bit(image, f"{option} {path}").convert(mode)
 
 
 def minimum_strength(steps: int) -> float:

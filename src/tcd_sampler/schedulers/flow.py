@@ -40,11 +40,11 @@ class FlowMatchTCDScheduler(SchedulerBase, FlowForwardProcess):
 
     Args:
         num_train_timesteps: T; timesteps are ``σ·T``. Default 1000.
-        shift: static time shift ``σ ← shift·σ / (1 + (shift − 1)·σ)`` (SD3: 3.0). Default 1.0.
+        shift: static time shift ``σ ← shift·σ / (1 + (shift − 1)·σ)`` (SD3: 3.0), finite and > 0. Default 1.0.
         use_dynamic_shifting: shift by ``mu`` given to ``set_timesteps`` instead (FLUX: resolution dependent).
             Default False.
         base_shift, max_shift, base_image_seq_len, max_image_seq_len: the pipeline's inputs for ``mu``
-            (:meth:`mu_for` computes it). Defaults 0.5, 1.15, 256, 4096.
+            (:meth:`mu_for` computes it): finite numbers (or None) and integers ≥ 1. Defaults 0.5, 1.15, 256, 4096.
         invert_sigmas: the model's sigmas run from 0 (noise) to 1 (data); the step works on ``1 − σ``. Default False.
         shift_terminal: stretch the shifted schedule so that it ends at this sigma. Default None.
         use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas: respace the sigmas (at most one; beta needs
@@ -128,6 +128,9 @@ class FlowMatchTCDScheduler(SchedulerBase, FlowForwardProcess):
         """The dynamic shift ``mu`` for a latent of ``image_seq_len`` tokens, interpolated linearly between
         ``(base_image_seq_len, base_shift)`` and ``(max_image_seq_len, max_shift)`` as the FLUX pipelines do."""
         c = self._config
+        unset = [name for name in ("base_shift", "max_shift") if c[name] is None]
+        if unset:
+            raise ValueError(f"mu_for needs {' and '.join(unset)} in the config (None there)")
         return mu_for(image_seq_len, c["base_image_seq_len"], c["max_image_seq_len"], c["base_shift"], c["max_shift"])
 
     def time_shift(self, mu: float, sigma: float, t: np.ndarray) -> np.ndarray:

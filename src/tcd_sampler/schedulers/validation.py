@@ -50,6 +50,11 @@ def check_flow_config(c: Mapping[str, Any]) -> None:
     """Check a ``FlowMatchTCDScheduler`` config."""
     check_int("num_train_timesteps", c["num_train_timesteps"], 1)
     check_number("shift", c["shift"], 0.0, math.inf, low_open=True)
+    for name in ("base_shift", "max_shift"):  # None as in diffusers' signature; a pipeline then uses its default
+        if c[name] is not None:
+            check_number(name, c[name], -math.inf, math.inf)
+    for name in ("base_image_seq_len", "max_image_seq_len"):
+        check_int(name, c[name], 1)
     for name in _FLOW_FLAGS:
         check_bool(name, c[name])
     check_choice("time_shift_type", c["time_shift_type"], TIME_SHIFT_TYPES)

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import default_collate
 
+from ..._images import VALUE_MODES, deep_to_8bit
 from .options import DataOptions
 from .report import _Bad, _describe
 
@@ -38,10 +39,13 @@ def _draws(seed: int, epoch: int, *ids: int) -> np.ndarray:
 
 
 def _load_image(source: str | bytes, min_side: int | None = None) -> PILImage:
-    """The image at ``source`` (a path or encoded bytes) decoded, EXIF-oriented and in RGB.
+    """The image at ``source`` (a path or encoded bytes) decoded, EXIF-oriented and in RGB. An image deeper than
+    8 bits (16-bit, 32-bit integer or float grey) is brought to 8 bits by its actual range
+    (:func:`tcd_sampler._images.deep_to_8bit`: 16-bit by 65535, float by [0, 1]), or refused.
 
     Raises:
-        _Bad: too small (when ``min_side`` is given; checked on the header, before decoding).
+        _Bad: too small (when ``min_side`` is given; checked on the header, before decoding), or a float or 32-bit
+            integer image outside the range it is read by (``unreadable_image``).
         Exception: whatever Pillow raises for a file it cannot read.
     """
     image_module, image_ops = _pil()
@@ -51,26 +55,35 @@ def _load_image(source: str | bytes, min_side: int | None = None) -> PILImage:
             raise _Bad("too_small", f"{width}x{height}, shorter side {min(width, height)} < min_size {min_side}")
         opened.load()
         image: PILImage = image_ops.exif_transpose(opened)
-    if image.mode in ("I", "F") or image.mode.startswith("I;16"):  # 16-bit grey: convert("L") would clip at 255
-        values = np.asarray(image, dtype=np.float64)
-        if values.max(initial=0.0) > 255.0:
-            values = values / 257.0
-        image = image_module.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8))  # 2-D uint8: mode L
+    image = _to_8bit(image)  # convert("L") would clip a 16-bit or float image at 255
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
+def _to_8bit(image: PILImage) -> PILImage:
+    """:func:`~tcd_sampler._images.deep_to_8bit`, its refusal as a bad sample."""
+    try:
+        return deep_to_8bit(image, "the image")
+    except ValueError as err:
+        raise _Bad("unreadable_image", str(err).removeprefix("the image: ")) from None
+
+
 def _probe(path: str, min_side: int, decode: bool) -> _Bad | None:
-    """None if the image at ``path`` passes the scan, else why not (the header only, unless ``decode``)."""
+    """None if the image at ``path`` passes the scan, else why not (the header only, unless ``decode``; a float or
+    32-bit integer image is always decoded, to check its values' range)."""
     image_module, _ = _pil()
     try:
         with image_module.open(path) as opened:
             width, height = opened.size
             if min(width, height) < min_side:
                 return _Bad("too_small", f"{width}x{height}, shorter side {min(width, height)} < min_size {min_side}")
-            if decode:
+            if decode or opened.mode in VALUE_MODES:
                 opened.load()
+            if opened.mode in VALUE_MODES:
+                _to_8bit(opened)
+    except _Bad as bad:
+        return bad
     except Exception as err:  # Pillow raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
         return _Bad("unreadable_image", _describe(err))
     return None

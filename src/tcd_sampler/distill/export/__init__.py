@@ -10,7 +10,8 @@ model folder, and the card (JSON) that says how to sample it.
 - :func:`save_full_student`: ``save_pretrained`` into a temporary folder, renamed into place;
   :func:`save_pixel_pipeline`: that, the scheduler and ``model_index.json``, for a pixel-space pipeline.
 - :func:`write_card` / :func:`load_card` / :func:`scheduler_from_card`: the card, whose ``scheduler`` section
-  (:func:`scheduler_settings`) is everything :class:`~tcd_sampler.TCDScheduler` needs to sample the student.
+  (:func:`scheduler_settings`) is everything :class:`~tcd_sampler.TCDScheduler` needs to sample the student, and
+  whose ``files`` (the SHA-256 of the results beside it) :func:`verify_card_files` checks before they load.
 
 The LoRA and full-student writers import diffusers, peft and safetensors when called; the card needs none of them.
 """
@@ -18,11 +19,14 @@ The LoRA and full-student writers import diffusers, peft and safetensors when ca
 from .card import (
     CARD_FORMAT,
     CARD_NAME,
+    RESULT_FILES,
     SCHEDULE_KEYS,
     load_card,
     pipeline_kwargs,
+    result_files,
     scheduler_from_card,
     scheduler_settings,
+    verify_card_files,
     write_card,
 )
 from .card import CARD_FORMAT_VERSION as CARD_FORMAT_VERSION  # re-exported, as before, though not in __all__
@@ -34,16 +38,19 @@ __all__ = [
     "CARD_NAME",
     "COMFYUI_SUFFIX",
     "LORA_WEIGHT_NAME",
+    "RESULT_FILES",
     "SCHEDULE_KEYS",
     "comfyui_lora_path",
     "is_pixel_pipeline",
     "load_card",
     "lora_state_dicts",
     "pipeline_kwargs",
+    "result_files",
     "save_full_student",
     "save_lora",
     "save_pixel_pipeline",
     "scheduler_from_card",
     "scheduler_settings",
+    "verify_card_files",
     "write_card",
 ]

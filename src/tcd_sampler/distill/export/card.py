@@ -9,17 +9,21 @@ from __future__ import annotations
 import inspect
 import json
 import math
-from collections.abc import Mapping
+import re
+from collections.abc import Iterable, Mapping
 from functools import cache
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
 import torch
 
+from ..._checksums import sha256_file
 from ..._files import atomic_paths, folder_problem
 from ...core.checks import check_int, check_number
 from ...schedulers.vp import TCDScheduler
+from ._modes import give_plain_mode
+from .lora import COMFYUI_SUFFIX, LORA_WEIGHT_NAME
 
 #: The card's file name.
 CARD_NAME = "card.json"
@@ -38,6 +42,23 @@ SCHEDULE_KEYS = (
     "rescale_betas_zero_snr",
 )
 _SCHEDULER_CLASS = "TCDScheduler"
+#: The result files :func:`write_card` records in the card's ``files`` (patterns relative to the card's folder): the
+#: LoRA in both formats (:func:`~tcd_sampler.distill.export.save_lora`), a pixel pipeline's index and scheduler
+#: (:func:`~tcd_sampler.distill.export.save_pixel_pipeline`), and a model folder's config and weights, in ``unet/``
+#: (:func:`~tcd_sampler.distill.export.save_full_student`) or beside the card.
+RESULT_FILES = (
+    LORA_WEIGHT_NAME,
+    "*" + COMFYUI_SUFFIX,
+    "model_index.json",
+    "scheduler/scheduler_config.json",
+    "config.json",
+    "diffusion_pytorch_model*.safetensors",
+    "diffusion_pytorch_model*.safetensors.index.json",
+    "unet/config.json",
+    "unet/diffusion_pytorch_model*.safetensors",
+    "unet/diffusion_pytorch_model*.safetensors.index.json",
+)
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 @cache
@@ -147,7 +168,105 @@ def _check_card(card: Any) -> None:
     for key in ("config", "data"):
         if key in card and not isinstance(card[key], Mapping):
             raise ValueError(f"the card's {key!r} must be a mapping, got {type(card[key]).__name__}")
+    _recorded_files(card)
     _check_scheduler_section(card["scheduler"])
+
+
+def _recorded_files(card: Mapping[str, Any]) -> dict[str, tuple[str, int]]:
+    """The card's ``files`` (relative path → (hex SHA-256, size in bytes)), empty when it records none; ValueError
+    when the entry is malformed."""
+    files = card.get("files")
+    if files is None:
+        return {}
+    if not isinstance(files, Mapping):
+        raise ValueError(f"the card's 'files' must be a mapping, got {type(files).__name__}")
+    out: dict[str, tuple[str, int]] = {}
+    for name, entry in files.items():
+        path = PurePosixPath(name) if isinstance(name, str) else None
+        if path is None or not name or path.is_absolute() or ".." in path.parts or "\\" in name:
+            raise ValueError(f"the card's 'files' holds {name!r}, not a relative path inside the card's folder")
+        digest = entry.get("sha256") if isinstance(entry, Mapping) else None
+        size = entry.get("bytes") if isinstance(entry, Mapping) else None
+        if not isinstance(digest, str) or not _SHA256.fullmatch(digest) or type(size) is not int or size < 0:
+            raise ValueError(
+                f"the card's 'files' entry {name!r} must be {{'sha256': <64 lower-case hex digits>, 'bytes': <size "
+                f"≥ 0>}}, got {entry!r}"
+            )
+        out[name] = (digest, size)
+    return out
+
+
+def result_files(folder: str | Path) -> list[str]:
+    """The result files in ``folder`` that :func:`write_card` records: those matching :data:`RESULT_FILES`, as
+    paths relative to ``folder`` with ``/``, sorted (hidden names, such as unfinished temporary files, left out)."""
+    root = Path(folder)
+    if not root.is_dir():
+        return []
+    names = set()
+    for pattern in RESULT_FILES:
+        for file in root.glob(pattern):
+            relative = file.relative_to(root)
+            if file.is_file() and not any(part.startswith(".") for part in relative.parts):
+                names.add(relative.as_posix())
+    return sorted(names)
+
+
+def verify_card_files(
+    folder: str | Path, card: Mapping[str, Any] | None = None, *, only: Iterable[str] | None = None
+) -> list[str]:
+    """Check the result files a card records (its ``files``, written by :func:`write_card`) against their SHA-256,
+    before they are loaded; each unchanged file is hashed once per process. A card without ``files`` (written
+    before cards recorded them, or by another tool) checks nothing.
+
+    Args:
+        folder: the card's folder; the recorded paths are relative to it.
+        card: the card. Default None: ``folder``'s ``card.json`` when it is a tcd-sampler card (a missing, unreadable
+            or foreign ``card.json`` checks nothing, so that any other model folder loads as before).
+        only: the recorded paths to check, or folders (``"unet"``) whose recorded files to check. Default None:
+            every recorded file. A recorded file that is missing is left for its loader to report.
+
+    Returns:
+        The paths checked.
+
+    Raises:
+        ValueError: a file's size or SHA-256 differs from the card's (the message names the file), or the card's
+            ``files`` entry is malformed.
+    """
+    root = Path(folder)
+    card_file = root / CARD_NAME
+    if card is None:
+        try:
+            loaded = json.loads(card_file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return []
+        if not isinstance(loaded, Mapping) or loaded.get("format") != CARD_FORMAT:
+            return []
+        card = loaded
+    try:
+        recorded = _recorded_files(card)
+    except ValueError as err:
+        raise ValueError(f"{card_file}: {err}") from None
+    wanted = None if only is None else [PurePosixPath(name).as_posix() for name in only]
+    checked = []
+    for name, (digest, size) in recorded.items():
+        if wanted is not None and not any(name == w or name.startswith(w.rstrip("/") + "/") for w in wanted):
+            continue
+        file = root / name
+        if not file.is_file():
+            continue
+        actual = file.stat().st_size
+        if actual != size:
+            raise ValueError(
+                f"{file} is damaged ({actual} bytes; its card {card_file} records {size}): export it again or copy "
+                "it again from where it was trained"
+            )
+        if sha256_file(file) != digest:
+            raise ValueError(
+                f"{file} is damaged (sha256 differs from the one its card {card_file} records): export it again or "
+                "copy it again from where it was trained"
+            )
+        checked.append(name)
+    return checked
 
 
 def _json_default(value: Any) -> Any:
@@ -165,7 +284,11 @@ def write_card(output_dir: str | Path, card: Mapping[str, Any]) -> Path:
     A card describes one student: ``config`` (the run's settings), ``data`` (what it was trained on), ``steps``
     (optimizer steps), ``loss`` (the loss curve), and ``scheduler`` (:func:`scheduler_settings`: the
     ``TCDScheduler`` config, the recommended steps and ``eta``), the one required entry; any further JSON-able
-    entries are kept. ``format``/``format_version`` are added. Numpy and torch values are written as plain numbers
+    entries are kept. ``format``/``format_version`` are added, and ``files``: the SHA-256 and size of every result
+    file already in ``output_dir`` (:func:`result_files`: the LoRA, the ``unet/`` folder, a pixel pipeline's index and
+    scheduler), as ``{"unet/diffusion_pytorch_model.safetensors": {"sha256": ..., "bytes": ...}}``, which
+    :func:`verify_card_files` checks before they load (so write the card after the files; a ``files`` entry given
+    in ``card`` is replaced, and left out when there are none). Numpy and torch values are written as plain numbers
     and lists; NaN and infinities are refused (JSON has none: record a diverged loss as None).
 
     Args:
@@ -181,18 +304,24 @@ def write_card(output_dir: str | Path, card: Mapping[str, Any]) -> Path:
     if not isinstance(card, Mapping):
         raise ValueError(f"a card must be a mapping, got {type(card).__name__}")
     full = {"format": CARD_FORMAT, "format_version": CARD_FORMAT_VERSION, **card}
+    full.pop("files", None)
+    folder = Path(output_dir)
+    names = result_files(folder)
+    if names:
+        full["files"] = {name: {"sha256": sha256_file(folder / name), "bytes": (folder / name).stat().st_size}
+                         for name in names}  # fmt: skip
     try:
         text = json.dumps(full, indent=2, allow_nan=False, default=_json_default) + "\n"
     except (TypeError, ValueError) as err:
         raise ValueError(f"the card is not JSON-serializable: {err}") from err
     _check_card(json.loads(text))  # what load_card will read
-    folder = Path(output_dir)
     problem = folder_problem(folder)
     if problem:
         raise NotADirectoryError(f"cannot write the card in {folder}: {problem}")
     folder.mkdir(parents=True, exist_ok=True)
     with atomic_paths(folder / CARD_NAME) as (temp,):
         temp.write_text(text, encoding="utf-8")
+        give_plain_mode(temp)
     return folder / CARD_NAME
 
 

@@ -17,6 +17,7 @@ import torch
 
 from ..._files import atomic_paths, folder_problem
 from ._models import _is_a, _unwrap
+from ._modes import give_plain_mode
 
 if TYPE_CHECKING:
     from diffusers import UNet2DConditionModel
@@ -193,7 +194,8 @@ def save_lora(
     kohya's keys (see :func:`lora_state_dicts`; diffusers' ``convert_state_dict_to_kohya`` would write
     ``alpha = rank``, losing ``lora_alpha``). Both are written to temporary files and renamed into place
     (:func:`~tcd_sampler._files.atomic_paths`): a failure leaves neither half-written, and files already there as
-    they were.
+    they were. New files get the permissions a plain ``open()`` gives under the umask (as the card does), replaced
+    ones keep theirs.
 
     Args:
         unet: the student, see :func:`lora_state_dicts`.
@@ -230,4 +232,6 @@ def save_lora(
             safe_serialization=True,
         )
         _save_safetensors(comfy_sd, comfy_tmp, {"format": "pt", **user}, comfy_path)
+        for temp in (diffusers_tmp, comfy_tmp):  # safetensors writes 0600; a replaced file's mode carries over
+            give_plain_mode(temp)
     return folder

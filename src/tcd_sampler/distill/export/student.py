@@ -6,6 +6,7 @@ diffusers and peft are imported when called.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import tempfile
@@ -14,8 +15,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..._files import atomic_paths, folder_problem, replace_folder
+from ..._files import atomic_paths, folder_problem, replace_folder, storage_problem
 from ._models import _is_a, _unwrap
+from ._modes import give_plain_modes
 from .card import CARD_NAME
 
 if TYPE_CHECKING:
@@ -35,7 +37,8 @@ def save_full_student(unet: ModelMixin | torch.nn.Module, output_dir: str | Path
     folder is never half-written. An existing ``output_dir`` is replaced only when it holds nothing but what
     ``save_pretrained`` writes (and a card, which described the old student; write the new card afterwards): it is
     renamed aside, the new folder renamed into place, and the old one removed (a crash between the two renames
-    leaves the old folder under a hidden name beside it, never a partial one).
+    leaves the old folder under a hidden name beside it, never a partial one). The folder and its files get the
+    permissions a plain ``mkdir()`` and ``open()`` give under the umask (a replaced folder keeps its own mode).
 
     Args:
         unet: a diffusers model (``ModelMixin``) without peft adapters; DDP and ``torch.compile`` wrappers are looked
@@ -50,6 +53,7 @@ def save_full_student(unet: ModelMixin | torch.nn.Module, output_dir: str | Path
         ValueError: the model carries peft adapters (save those with :func:`save_lora`, or merge them first).
         FileExistsError: ``output_dir`` holds other files.
         NotADirectoryError: ``output_dir`` is a file, or its parent cannot be written.
+        OSError: a full disk, a quota or a read-only file system while writing (one line naming the folder).
     """
     from diffusers import ModelMixin
     from peft.tuners.tuners_utils import BaseTunerLayer
@@ -80,10 +84,25 @@ def save_full_student(unet: ModelMixin | torch.nn.Module, output_dir: str | Path
     temp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent))
     try:
         model.save_pretrained(temp, safe_serialization=True)
+        _plain_modes(temp, target)
         replace_folder(temp, target)
+    except Exception as error:  # a full or read-only disk: one line naming the folder
+        problem = storage_problem(error, parent)
+        if problem is None:
+            raise
+        raise OSError(f"cannot write the student {target}: {problem}") from None
     finally:
         shutil.rmtree(temp, ignore_errors=True)
     return target
+
+
+def _plain_modes(temp: Path, target: Path) -> None:
+    """Give the finished folder ``temp`` and its files the modes a plain ``mkdir()`` and ``open()`` give under the
+    umask (``mkdtemp`` makes 0700, safetensors writes 0600), or, for the folder, the mode of the ``target`` it
+    replaces."""
+    give_plain_modes(temp)
+    if target.is_dir():
+        os.chmod(temp, target.stat().st_mode & 0o7777)
 
 
 def is_pixel_pipeline(pipe: Any) -> bool:
@@ -121,6 +140,7 @@ def save_pixel_pipeline(
     scheduler = pipe.scheduler if scheduler is None else scheduler
     try:
         scheduler.save_pretrained(temp)
+        _plain_modes(temp, target / "scheduler")
         replace_folder(temp, target / "scheduler")
     finally:
         shutil.rmtree(temp, ignore_errors=True)

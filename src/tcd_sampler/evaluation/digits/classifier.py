@@ -113,9 +113,13 @@ def save_classifier(model: DigitClassifier, folder: str | Path) -> Path:
 
 
 def load_classifier(folder: str | Path) -> DigitClassifier:
-    """The classifier saved by :func:`save_classifier` in ``folder``."""
+    """The classifier saved by :func:`save_classifier` in ``folder``; the shipped one is checked against the
+    package's manifest first (:func:`tcd_sampler.assets.verify`: ValueError when it is damaged)."""
     from safetensors.torch import load_file
 
+    from ...assets import verify
+
+    verify(Path(folder) / WEIGHTS_NAME)
     model = DigitClassifier()
     model.load_state_dict(load_file(str(Path(folder) / WEIGHTS_NAME)))
     return model.eval()

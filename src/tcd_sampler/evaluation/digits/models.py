@@ -10,7 +10,8 @@ from typing import Any
 
 import torch
 
-from ...distill.export import load_card
+from ...assets import verify as verify_shipped
+from ...distill.export import load_card, verify_card_files
 from ...distill.teachers import Conditioning
 from ...distill.unet_sampling import sample_unet
 from ...schedulers.vp import TCDScheduler
@@ -47,13 +48,21 @@ class DigitModels:
 
 def load_models(root: str | Path = DIGITS_ASSETS) -> DigitModels:
     """Load the models from ``root`` (default: the shipped ones): ``teacher/`` (a pipeline folder), ``tcd/`` and
-    ``lcm/`` (``unet/`` and ``card.json``), ``classifier/``."""
+    ``lcm/`` (``unet/`` and ``card.json``), ``classifier/``.
+
+    Every file is checked first: the shipped ones against the package's manifest
+    (:func:`tcd_sampler.assets.verify`), trained ones against the ``files`` their cards record
+    (:func:`~tcd_sampler.distill.export.verify_card_files`); ValueError naming a damaged file."""
     from diffusers import DiffusionPipeline, UNet2DModel
 
     root = Path(root)
     missing = [name for name in ("teacher", "tcd", "lcm", "classifier") if not (root / name).is_dir()]
     if missing:
         raise FileNotFoundError(f"the digits models in {root} lack {missing} (see docs/evaluation.md to train them)")
+    verify_shipped(root)
+    cards = {name: load_card(root / name) for name in ("tcd", "lcm")}
+    for name in ("teacher", "tcd", "lcm"):
+        verify_card_files(root / name, cards.get(name))
     teacher = DiffusionPipeline.from_pretrained(root / "teacher")
     if not getattr(getattr(teacher, "unet", None), "config", {}).get("num_class_embeds"):
         raise ValueError(f"the teacher in {root / 'teacher'} is not a class-conditional UNet2DModel pipeline "
@@ -61,7 +70,7 @@ def load_models(root: str | Path = DIGITS_ASSETS) -> DigitModels:
     tcd, lcm = (UNet2DModel.from_pretrained(root / name / "unet").eval() for name in ("tcd", "lcm"))
     teacher.unet.eval()
     classifier = load_classifier(root / "classifier")
-    return DigitModels(teacher, tcd, lcm, load_card(root / "tcd"), load_card(root / "lcm"), classifier)
+    return DigitModels(teacher, tcd, lcm, cards["tcd"], cards["lcm"], classifier)
 
 
 def _labels(labels: torch.Tensor) -> Conditioning:
