@@ -1,5 +1,6 @@
 """FlowMatchTCDScheduler: gamma = 0 is diffusers' FlowMatchEulerDiscreteScheduler, gamma = 1 is its
-stochastic_sampling=True; in between it follows the TCD step on the flow path (float64 reference)."""
+stochastic_sampling=True and diffusers' FlowMatchLCMScheduler; in between it follows the TCD step on the flow path
+(float64 reference)."""
 
 from __future__ import annotations
 
@@ -68,6 +69,21 @@ def test_endpoints_match_diffusers(config: dict[str, Any], steps: int, gamma: fl
     b = run(ref, x, torch.Generator().manual_seed(1))
     assert rel_err(a, b) <= TOL
     assert torch.equal(a, b)  # bit-identical in float32
+
+
+@pytest.mark.parametrize("config", [SD3, FLUX], ids=["sd3", "flux"])
+@pytest.mark.parametrize("steps", [1, 2, 4, 8, 28])
+def test_gamma_one_is_diffusers_flow_lcm_scheduler(config: dict[str, Any], steps: int) -> None:
+    """γ = 1 is diffusers' FlowMatchLCMScheduler (its consistency sampler for flow models), bit for bit: the same
+    timesteps and sigmas, the same images from the same generator."""
+    ours = FlowMatchTCDScheduler(**config, gamma=1.0)
+    ref = diffusers.FlowMatchLCMScheduler(**config)
+    kwargs = schedule_kwargs(config, steps)
+    ours.set_timesteps(**kwargs)
+    ref.set_timesteps(**kwargs)
+    assert torch.equal(ours.timesteps, ref.timesteps) and torch.equal(ours.sigmas, ref.sigmas)
+    x = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(run(ours, x, torch.Generator().manual_seed(1)), run(ref, x, torch.Generator().manual_seed(1)))
 
 
 def test_stochastic_sampling_flag_means_gamma_one() -> None:

@@ -229,7 +229,7 @@ class SchedulerBase(StepNoise, ConfigurableScheduler):
             type(model_output) is torch.Tensor
             and type(sample) is torch.Tensor
             and type(timestep) in (torch.Tensor, int)
-            and generator is None
+            and (generator is None or type(generator) is torch.Generator)
             and model_output.is_floating_point()
             and sample.is_floating_point()
             and model_output.shape == sample.shape

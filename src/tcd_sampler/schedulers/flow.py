@@ -23,7 +23,7 @@ from ..core.checks import check_number, check_values
 from ..core.flow_schedules import flow_sigmas, loop_sigmas, mu_for, time_shift
 from ..core.paths import RectifiedFlow
 from ..core.predictions import FLOW
-from ..core.step import flow_x0, tcd_step
+from ..core.step import _as, flow_x0, tcd_step
 from ..core.table import StepRow, StepTable, build_table
 from .base import SchedulerBase
 from .configuring import record_explicit_keys
@@ -278,10 +278,11 @@ class FlowMatchTCDScheduler(SchedulerBase, FlowForwardProcess):
         return_dict: bool,
     ) -> FlowMatchTCDSchedulerOutput | tuple[torch.Tensor]:
         velocity = -model_output if self._config["invert_sigmas"] else model_output
-        x, u = sample.to(torch.float32), velocity.to(torch.float32)
+        x, u = _as(sample, torch.float32), _as(velocity, torch.float32)
         prev, x_s, _ = tcd_step(u, x, row, FLOW, noise)
         dtype = model_output.dtype
         if not return_dict:
-            return (prev.to(dtype),)
-        x0 = flow_x0(u, x, row.sigma_t).to(dtype)  # from the inputs as they are now, which the caller may reuse
-        return FlowMatchTCDSchedulerOutput(prev.to(dtype), pred_noised_sample=x_s.to(dtype), pred_original_sample=x0)
+            return (_as(prev, dtype),)
+        x0 = _as(flow_x0(u, x, row.sigma_t), dtype)  # now, from the inputs as they are: the caller may reuse them
+        out: FlowMatchTCDSchedulerOutput = FlowMatchTCDSchedulerOutput._of((_as(prev, dtype),), x0, (_as(x_s, dtype),))
+        return out

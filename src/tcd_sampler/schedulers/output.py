@@ -87,6 +87,18 @@ class StepOutput(dict[str, torch.Tensor]):
         for key in extras:
             attributes[key] = named.get(key)
 
+    @classmethod
+    def _of(cls, values: tuple[Any, ...], x0: Any, extras: tuple[Any, ...] = ()) -> Any:
+        """The output of the fields ``values`` (in order), ``x0`` and the ``extras`` (in order), unchecked: the
+        schedulers' own construction, a few attribute writes."""
+        out = dict.__new__(cls)
+        dict.__init__(out, zip(cls._FIELDS, values, strict=True))
+        attributes = out.__dict__
+        attributes["_x0"] = x0
+        for key, value in zip(cls._EXTRAS, extras, strict=True):
+            attributes[key] = value
+        return out
+
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Register each output class as a pytree node, as diffusers does for ``BaseOutput`` (``tree_map``,
         ``send_to_device`` and DDP see the tensors inside)."""
