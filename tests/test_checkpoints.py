@@ -552,3 +552,16 @@ def test_a_real_full_disk(tmp_path: Path) -> None:
     assert re.fullmatch(r"write checkpoint: cannot write .*/\.tmp-step-00000002/tensors.safetensors: no space left on "
                         r"device \(need ~.* kB, .* free in .*checkpoints\)", lines[2]), lines  # fmt: skip
     assert lines[3:] == ["write ['step-00000001']", "loads (1, [0.5])"], lines
+
+
+def test_only_step_folders_are_checkpoints(tmp_path: Path) -> None:
+    """A user's ``step-best`` or ``step-00000500-backup`` (or a file) is no checkpoint: not resumed as the latest,
+    never pruned."""
+    from tcd_sampler.distill.checkpoints import checkpoint_folders
+
+    root = tmp_path / "checkpoints"
+    for name in ("step-00000002", "step-00000010", "step-best", "step-00000500-backup", "step-1"):
+        (root / name).mkdir(parents=True)
+    (root / "step-00000020").write_text("a file")
+    assert [p.name for p in checkpoint_folders(root)] == ["step-00000002", "step-00000010"]
+    assert checkpoint_folders(tmp_path / "missing") == []

@@ -127,20 +127,23 @@ def test_a_file_system_without_the_exchange_falls_back(tmp_path: Path, monkeypat
 
 
 def test_clean_leftovers_removes_only_its_own_names(tmp_path: Path) -> None:
-    """Our temporary names go (anywhere in the tree); look-alikes, the wrong kind (a file by a folder's name or the
-    reverse), a .tmp-step folder outside checkpoints/, and symbolic links stay, and no link is followed."""
+    """Our temporary names go (in the output folder and the run's subfolders, no deeper); look-alikes (a user's dated
+    ``.notes.20240101.old``), the wrong kind (a file by a folder's name or the reverse), a .tmp-step folder outside
+    checkpoints/, anything deeper (a data folder under the output) and symbolic links stay; no link is followed."""
 
     def paths(*names: str) -> list[Path]:
         return [tmp_path / name for name in names]
 
-    ours = paths(".0123abcd.tmp.json", "encodings/.deadbeef.tmp", "lora/.89abcdef.tmp.safetensors")
-    our_folders = paths("checkpoints/.tmp-step-00000004", ".unet.k2_x9qzp.tmp", "unet/.scheduler.abcd1234.tmp",
+    ours = paths(".0123abcd.tmp.json", "encodings/.deadbeef.tmp", "validation/.89abcdef.tmp.png")
+    our_folders = paths("checkpoints/.tmp-step-00000004", ".unet.k2_x9qzp.tmp", ".scheduler.abcd1234.tmp",
                         "checkpoints/.step-00000002.a1b2c3d4.old")  # fmt: skip
     others = paths("deadbeef.tmp", ".DEADBEEF.tmp", ".deadbee.tmp", ".deadbeef.tmpx", ".deadbeef.tmp.tar.gz",
                    ".deadbeef.temp", "checkpoints/.tmp-step-00000004.txt", ".unet.abcd1234.old", "unet/.x.tmp",
-                   "notes.old", ".step-1.ab.old")  # fmt: skip
+                   "notes.old", ".step-1.ab.old", "lora/.89abcdef.tmp.safetensors")  # fmt: skip
     other_folders = paths(".0123abcd.tmp", "other/.tmp-step-00000004", "checkpoints/.tmp-step-x", ".unet.abcd12345.tmp",
-                          "unet.abcd1234.tmp", "checkpoints/step-00000002")  # fmt: skip
+                          "unet.abcd1234.tmp", "checkpoints/step-00000002", "notes", ".notes.20240101.old",
+                          ".config.backup_1.old", "data/imgs/.cache.v2_final.tmp", "unet/.scheduler.abcd1234.tmp",
+                          "data/.unet.k2_x9qzp.tmp")  # fmt: skip
     for path in other_folders + our_folders:
         path.mkdir(parents=True, exist_ok=True)
         (path / "keep.txt").write_text("x")

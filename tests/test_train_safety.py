@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import tcd_sampler.distill.train as train_module
+from tcd_sampler.distill.objective import Objective
 from tcd_sampler.distill.train import NonFiniteError, TrainConfig, train
 from test_train import config, images, teacher, weights
 
@@ -216,14 +217,49 @@ def test_ctrl_c_names_resume_latest(
     assert "interrupted during step 3; the last checkpoint is step 2" in err and "--resume latest" in err
 
 
-def test_a_full_students_ema_in_host_memory(tmp_path: Path, made: tuple[str, str]) -> None:
-    """``ema_device="cpu"`` keeps the EMA target on the CPU and trains as the default (on a CPU run, the same
-    device: the same weights); refused with a LoRA or FSDP."""
-    here = train(config(tmp_path, *made, output=str(tmp_path / "a"), lora_rank=0), progress=False)
-    host = train(config(tmp_path, *made, output=str(tmp_path / "b"), lora_rank=0, ema_device="cpu"), progress=False)
+def test_an_ema_in_host_memory_for_the_diffusion_objective(tmp_path: Path, made: tuple[str, str]) -> None:
+    """``ema_device="cpu"`` keeps the diffusion objective's EMA on the CPU and trains as the default (on a CPU run
+    the same device: the same losses); refused where the target runs in every step (TCD, LCM) and with FSDP."""
+    diffusion = {"lora_rank": 0, "objective": Objective(method="diffusion")}
+    here = train(config(tmp_path, *made, output=str(tmp_path / "a"), **diffusion), progress=False)
+    host = train(config(tmp_path, *made, output=str(tmp_path / "b"), ema_device="cpu", **diffusion), progress=False)
     assert here["losses"] == host["losses"]
-    with pytest.raises(ValueError, match="ema_device"):
-        TrainConfig(teacher="t", data="d", output="o", ema_device="cpu")
+    for kw in ({"lora_rank": 0}, {"fsdp": True, **diffusion}):
+        with pytest.raises(ValueError, match="ema_device"):
+            TrainConfig(teacher="t", data="d", output="o", ema_device="cpu", **kw)
+
+
+def test_a_checkpoint_of_the_previous_release_compares_what_it_recorded() -> None:
+    """A format-2 checkpoint.json held fewer settings and the teacher as a path and a digest: only what it recorded
+    is compared, its teacher by digest; a setting it did record still differs."""
+    from tcd_sampler.distill.train_config import resume_differences
+
+    cfg = TrainConfig(teacher="hub/teacher", data="d", output="o", lora_rank=4)
+    old = {"step": 2, "teacher": "hub/teacher", "teacher_unet": None, "objective": cfg.fingerprint()["objective"],
+           "lora_rank": 4, "lora_alpha": None, "lora_targets": "default", "batch_size": 4, "seed": 0}  # fmt: skip
+    assert resume_differences(old, cfg) == ({}, {})
+    assert resume_differences({**old, "seed": 1}, cfg) == ({"seed": "1 → 0"}, {})
+    local = TrainConfig(teacher="/nowhere/teacher", data="d", output="o", lora_rank=4)
+    assert resume_differences({**old, "teacher": "/elsewhere"}, local)[0] == {
+        "teacher": "/elsewhere → /nowhere/teacher"
+    }
+
+
+def test_a_changed_lr_follows_the_schedule_from_the_resume_point(tmp_path: Path, made: tuple[str, str]) -> None:
+    """Under a linear decay, a resume with another --lr continues the schedule at its step with the new base: the
+    learning rate after step 4 is new_lr · λ(4), where the first run had old_lr · λ(4)."""
+    cfg = config(tmp_path, *made, steps=6, checkpoint_every=1, lr_scheduler="linear", lr_warmup_steps=1)
+    train(cfg, progress=False)
+    root = Path(cfg.output) / "checkpoints"
+    first = json.loads((root / "step-00000004" / "state.json").read_text())
+    for step in (4, 5, 6):
+        (root / f"step-{step:08d}").rename(tmp_path / f"old-{step}")
+    train(dataclasses.replace(cfg, resume="latest", lr=2e-3, allow_changes=("lr",)), progress=False)
+    again = json.loads((root / "step-00000004" / "state.json").read_text())
+    factor = (6 - 4) / (6 - 1)  # diffusers' linear decay after one warm-up step
+    assert first["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-3 * factor)
+    assert again["optimizer"]["param_groups"][0]["lr"] == pytest.approx(2e-3 * factor)
+    assert again["lr_scheduler"]["base_lrs"] == [2e-3]
 
 
 def test_a_damaged_latest_checkpoint_is_skipped_for_the_previous_one(

@@ -310,3 +310,42 @@ def test_a_full_student_sharded_over_two_processes(tmp_path: Path) -> None:
                              timeout=300)  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert json.loads((out / "card.json").read_text())["this_run"]["first_step"] == 2
+
+
+DISK_FULL_ON_MAIN = """
+import errno, os, sys
+import safetensors.torch
+from tcd_sampler.cli import main
+real = safetensors.torch.save_file
+def full(*args, **kwargs):
+    if os.environ.get("RANK") == "0":
+        raise OSError(errno.ENOSPC, "No space left on device")
+    return real(*args, **kwargs)
+safetensors.torch.save_file = full
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_a_full_disk_on_the_main_process_stops_both(tmp_path: Path) -> None:
+    """Two gloo processes (DDP): the main process cannot write its checkpoint (a full disk); it says so in one line
+    naming the file, the other process stops too naming process 0, and neither waits forever."""
+    import os
+    import subprocess
+    import sys
+
+    from test_train import REPO, cli_args, free_port
+
+    t, data = teacher(tmp_path), images(tmp_path)
+    cfg = config(tmp_path, t, data, steps=2, checkpoint_every=1)
+    script = tmp_path / "disk_full.py"
+    script.write_text(DISK_FULL_ON_MAIN)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+           str(free_port()), str(script), *cli_args(cfg)]  # fmt: skip
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "tensors.safetensors: no space left on device" in done.stderr, done.stderr[-2000:]
+    assert "writing the checkpoint of step 1 failed on process 0" in done.stderr, done.stderr[-2000:]
+    assert not list((Path(cfg.output) / "checkpoints").iterdir())

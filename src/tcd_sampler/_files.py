@@ -6,9 +6,10 @@ demo's results).
 The temporary names, which :func:`clean_leftovers` recognises (and nothing else):
 
 - ``.<8 hex digits>.tmp<suffix>``: a file of :func:`atomic_paths` (``<suffix>`` its target's extension);
-- ``.<name>.<8 characters>.old``: a folder :func:`replace_folder` renamed aside (where it cannot swap folders);
-- ``.<name>.<8 characters>.tmp``: a folder the exporters write before :func:`replace_folder` moves it
-  (``tempfile.mkdtemp(prefix=".<name>.", suffix=".tmp")``);
+- ``.<name>.<8 characters>.old``: a folder :func:`replace_folder` renamed aside (where it cannot swap folders),
+  for the names a run replaces (``unet``, ``scheduler``, a checkpoint's ``step-<step>``);
+- ``.<name>.<8 characters>.tmp``: a ``unet`` or ``scheduler`` folder the exporters write before
+  :func:`replace_folder` moves it (``tempfile.mkdtemp(prefix=".<name>.", suffix=".tmp")``);
 - ``.tmp-step-<step>`` in a folder named ``checkpoints``: a checkpoint being written
   (:func:`tcd_sampler.distill.checkpoints.save_checkpoint`).
 """
@@ -256,7 +257,7 @@ def _exchange(a: Path, b: Path) -> bool:
     if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
         return True
     code = ctypes.get_errno()
-    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EPERM):  # EPERM: seccomp
         return False
     raise OSError(code, os.strerror(code), str(a), None, str(b))
 
@@ -303,23 +304,59 @@ def _new_aside(target: Path) -> Path:
 
 
 _TEMP_FILE = re.compile(r"\.[0-9a-f]{8}\.tmp(\.[^.]*)?")  # atomic_paths'
-_ASIDE = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{8}\.old")  # replace_folder's (mkdtemp's names in earlier releases)
-_TEMP_FOLDER = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")  # the exporters'
+# the folders the trainer replaces (a full student's unet/, a pixel pipeline's scheduler/, checkpoints): aside
+# copies by replace_folder (mkdtemp's tags in earlier releases) and the exporters' mkdtemp folders
+_OURS = r"(?P<name>unet|scheduler|step-\d{8,})"
+_ASIDE = re.compile(rf"\.{_OURS}\.[a-z0-9_]{{8}}\.old")
+_TEMP_FOLDER = re.compile(r"\.(unet|scheduler)\.[a-z0-9_]{8}\.tmp")
 _TEMP_STEP = re.compile(r"\.tmp-step-\d{8,}")  # save_checkpoint's, in a folder named "checkpoints"
+#: The subfolders of a run's output folder that :func:`clean_leftovers` looks into (besides the folder itself).
+RUN_SUBFOLDERS = ("checkpoints", "validation", "encodings")
 
 
-def clean_leftovers(folder: str | Path) -> list[Path]:
-    """Tidy up what killed processes left in the tree under ``folder``: remove the temporary files and folders of
-    the module docstring's names, and put back a folder that :func:`replace_folder` had renamed aside when it was
-    killed before its second rename (``.<name>.<8 characters>.old`` where ``<name>`` is missing); an aside folder
-    whose ``<name>`` stands is removed. Nothing else is touched: no other name, no symbolic link (none followed),
-    a temporary name only of its kind (file or folder). Call it only while no other process writes under
-    ``folder``. Returns the leftovers removed or moved back, in the order handled; one that cannot be removed is
-    left (and not returned)."""
+def clean_leftovers(folder: str | Path, subfolders: tuple[str, ...] = RUN_SUBFOLDERS) -> list[Path]:
+    """Tidy up what killed runs of ours left in a run's output ``folder`` and its ``subfolders`` (default
+    :data:`RUN_SUBFOLDERS`), no deeper: remove the temporary files and folders of the module docstring's names, and
+    put back a folder that :func:`replace_folder` had renamed aside when it was killed before its second rename
+    (``.<name>.<8 characters>.old`` where ``<name>`` — ``unet``, ``scheduler`` or a checkpoint's ``step-…`` — is
+    missing); an aside folder whose ``<name>`` stands is removed. Nothing else is touched: no other name (a user's
+    ``.notes.20240101.old`` stays), no symbolic link (none followed), a temporary name only of its kind (file or
+    folder). Call it only while no other process writes there. Returns the leftovers removed or moved back, in the
+    order handled; one that cannot be removed is left (and not returned)."""
     handled: list[Path] = []
     root = Path(folder)
     if not root.is_dir() or root.is_symlink():
         return handled
+    places = [root, *(root / name for name in subfolders)]
+    for parent in places:
+        if not parent.is_dir() or parent.is_symlink():
+            continue
+        for entry in sorted(os.scandir(parent), key=lambda e: e.name):
+            path, name = Path(entry.path), entry.name
+            if entry.is_symlink():
+                continue
+            if entry.is_dir():
+                aside = _ASIDE.fullmatch(name)
+                temporary = _TEMP_FOLDER.fullmatch(name) or (
+                    parent.name == "checkpoints" and _TEMP_STEP.fullmatch(name)
+                )
+                if aside and not os.path.lexists(parent / aside["name"]):
+                    try:
+                        os.replace(path, parent / aside["name"])
+                    except OSError:
+                        continue
+                    handled.append(path)
+                elif aside or temporary:
+                    shutil.rmtree(path, ignore_errors=True)
+                    if not path.exists():
+                        handled.append(path)
+            elif entry.is_file() and _TEMP_FILE.fullmatch(name):
+                try:
+                    path.unlink()
+                except OSError:
+                    continue
+                handled.append(path)
+    return handled
     for here, folders, files in os.walk(root):
         parent = Path(here)
         for name in sorted(folders):

@@ -65,7 +65,7 @@ def add_train_parser(sub: Any) -> None:
     p.add_argument("--on-nonfinite", choices=NONFINITE, default=TrainConfig.on_nonfinite,
                    help="at a step with a NaN or infinite loss or gradient: stop (naming it; nothing of it is saved) "
                    "or skip its update (default stop)")  # fmt: skip
-    p.add_argument("--ema-device", choices=["cpu"], help="keep a full student's EMA target in host memory (less "
+    p.add_argument("--ema-device", choices=["cpu"], help="keep the EMA of --method diffusion in host memory (less "
                    "accelerator memory, a copy to the host every step; not with --fsdp)")  # fmt: skip
     p.add_argument("--gradient-accumulation", type=positive_int, default=1, help="micro-batches per step (1)")
     p.add_argument("--validation-every", type=non_negative_int, default=0,

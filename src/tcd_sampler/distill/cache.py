@@ -119,9 +119,10 @@ class EncodingCache:
         """Whether the latents of dataset index ``index`` are cached (in memory or in the folder)."""
         return index in self.latents or index in self._stored
 
-    def complete(self, dataset: Any) -> bool:
+    def complete(self, dataset: Any, empty: bool = True) -> bool:
         """Whether every image of ``dataset`` has its latents cached (in memory or, after a look at the folder, in
-        it) and, for a pipeline with a text encoder, every caption and the empty one their encodings: no encoder is
+        it) and, for a pipeline with a text encoder, every caption and (with ``empty``, default True: the steps
+        encode the empty prompt, for caption dropout or guidance) the empty one their encodings: no encoder is
         needed for a batch from now on. Cheap while incomplete (counts compared first)."""
         n = len(dataset)
         if len(self.latents) + len(self._stored) < n and self.folder is not None:
@@ -131,7 +132,7 @@ class EncodingCache:
         if getattr(self.pipe, "text_encoder", None) is None:
             return True
         if self._captions is None:
-            self._captions = {record.caption for record in dataset.records} | {""}
+            self._captions = {record.caption for record in dataset.records} | ({""} if empty else set())
         return len(self.text) >= len(self._captions) and self._captions <= self.text.keys()
 
     def batch(

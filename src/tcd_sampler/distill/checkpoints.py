@@ -31,13 +31,15 @@ A checkpoint folder ``<output>/checkpoints/step-<step>`` holds:
 Every process calls :func:`save_checkpoint` and :func:`load_checkpoint`; only a sharded run's have collectives: a
 plain run's main process writes alone, and each process reads alone. A save that fails (a full disk, caught before
 writing where the estimate shows it, a read-only one) removes its temporary folder and raises one OSError naming
-the file and the cause on every process; the checkpoints already written stay as they were.
+the file and the cause, on every process of a sharded run, on the main process of a plain one (the trainer passes
+it on to the others); the checkpoints already written stay as they were.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import time
 import warnings
@@ -55,6 +57,7 @@ __all__ = [
     "CheckpointWarning",
     "DamagedCheckpointError",
     "check_checkpoint",
+    "checkpoint_folders",
     "checkpoint_tensors",
     "find_checkpoint",
     "load_checkpoint",
@@ -63,6 +66,7 @@ __all__ = [
 ]
 
 CHECKPOINTS = "checkpoints"
+_STEP_NAME = re.compile(r"step-\d{8,}")
 #: The version of the layout above (1: the pickled ``state.pt`` of earlier releases, no longer read; 2: read).
 FORMAT = 3
 READABLE = (2, 3)
@@ -299,8 +303,9 @@ def save_checkpoint(
     Before anything is written the free space is checked against the checkpoint's size (its tensors and JSON, with
     a 5% margin; in a sharded run the main process's part times the processes). Any failure to write (a full disk,
     a read-only one) raises one OSError naming the file and the cause (``"no space left on device (need ~X, Y free
-    in FOLDER)"``) on every process, after the temporary folder is removed: the checkpoints already written stay
-    as they were.
+    in FOLDER)"``) after the temporary folder is removed — on every process of a sharded run, on the main process of
+    a plain one (whose other processes return at once; the caller tells them) —: the checkpoints already written
+    stay as they were.
 
     Args:
         student: the (unwrapped) student, plain or sharded; its trainable parameters are saved.
@@ -417,6 +422,14 @@ def _write_tensors(tmp: Path, tensors: dict[str, Any], sharded: bool) -> None:
 # ------------------------------------------------------------------------------------------- finding and checking
 
 
+def checkpoint_folders(root: Path) -> list[Path]:
+    """The checkpoint folders under ``root`` (``<output>/checkpoints``), oldest first: folders named exactly
+    ``step-<8 or more digits>`` (a user's ``step-best`` or ``step-00000500-backup`` is none of them)."""
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if _STEP_NAME.fullmatch(p.name) and p.is_dir() and not p.is_symlink())
+
+
 def find_checkpoint(config: TrainConfig) -> Path | None:
     """The checkpoint folder to resume from: the one ``config.resume`` names (not checked here: a damaged one is
     refused by :func:`check_checkpoint`, with no fall-back), or for ``"latest"`` the newest good one under
@@ -432,7 +445,7 @@ def find_checkpoint(config: TrainConfig) -> Path | None:
     if config.resume != "latest":
         return Path(config.resume)
     root = Path(config.output) / CHECKPOINTS
-    found = sorted((p for p in root.glob("step-*") if p.is_dir()), reverse=True) if root.is_dir() else []
+    found = checkpoint_folders(root)[::-1]
     skipped: list[str] = []
     for folder in found:
         try:
@@ -456,7 +469,7 @@ def prune_checkpoints(config: TrainConfig, keep: int) -> list[Path]:
     """Remove all but the ``keep`` newest checkpoints under ``<output>/checkpoints`` (``keep`` 0: none removed);
     returns the folders removed."""
     root = Path(config.output) / CHECKPOINTS
-    found = sorted(root.glob("step-*")) if keep and root.is_dir() else []
+    found = checkpoint_folders(root) if keep else []
     old = found[: max(0, len(found) - keep)]
     for folder in old:
         shutil.rmtree(folder, ignore_errors=True)

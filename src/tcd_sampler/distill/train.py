@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import functools
 import importlib.util
 import json
@@ -39,6 +40,7 @@ from .checkpoints import (
     CHECKPOINTS,
     CheckpointWarning,
     check_checkpoint,
+    checkpoint_folders,
     find_checkpoint,
     load_checkpoint,
     prune_checkpoints,
@@ -198,8 +200,9 @@ def _nonfinite_message(step: int, flags: torch.Tensor, names: list[str], saved: 
         what = f"the gradient of {first}{more} is not finite (NaN or infinite)"
     last = f"the last checkpoint is step {saved}: resume it with --resume latest" if saved else "no checkpoint holds it"
     return (
-        f"step {step}: {what}; the run stopped and saved nothing of this step or later ({last}); lower --lr, "
-        "try --mixed-precision bf16 or no, check the data, or pass --on-nonfinite skip to drop such steps"
+        f"step {step}: {what}; the run stopped and saved nothing of this step or later ({last}); lower --lr or try "
+        "another --mixed-precision (a resume then needs --allow-change lr or mixed_precision), check the data, or "
+        "pass --on-nonfinite skip to drop such steps"
     )
 
 
@@ -278,7 +281,8 @@ def _check_one_job(accelerator: Any) -> None:
 class _Lock:
     """The output folder's lock (:data:`LOCK`), held by the main process for the run: a second run into the same
     folder is refused while this one lives; the lock of a process that died is released by the system (the file
-    remains, naming the last holder). Where the platform has no ``fcntl``, nothing is locked."""
+    remains, naming the last holder). Where the platform has no ``fcntl``, or the file system no locks (NFS without
+    lockd, Lustre mounted noflock), nothing is locked (with a warning in the latter case)."""
 
     def __init__(self, output: Path) -> None:
         self.file: Any = None
@@ -290,7 +294,12 @@ class _Lock:
         file = path.open("a+")
         try:
             fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as error:
+            if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):  # no locks on this file system
+                file.close()
+                warnings.warn(f"output {output}: this file system does not lock files ({error.strerror}); nothing "
+                              "stops a second run from writing into the same folder", stacklevel=2)  # fmt: skip
+                return
             file.seek(0)
             holder = file.read().strip() or "another process"
             file.close()
@@ -310,7 +319,7 @@ class _Lock:
 
 def _previous_run(output: Path) -> str | None:
     """What of another run ``output`` holds (its newest checkpoint, or a finished run's card), or None."""
-    steps = sorted((output / CHECKPOINTS).glob("step-*")) if (output / CHECKPOINTS).is_dir() else []
+    steps = checkpoint_folders(output / CHECKPOINTS)
     if steps:
         return f"another run's checkpoints (up to {steps[-1].name})"
     if (output / "card.json").is_file():
@@ -666,8 +675,7 @@ def _train(config: TrainConfig, accelerator: Any, facts: TeacherFacts, streamed:
 
 def _saved_step(config: TrainConfig) -> int:
     """The step of the newest checkpoint in the output folder (0: none)."""
-    root = Path(config.output) / CHECKPOINTS
-    found = sorted(root.glob("step-*")) if root.is_dir() else []
+    found = checkpoint_folders(Path(config.output) / CHECKPOINTS)
     return int(found[-1].name.split("-")[1]) if found else 0
 
 
@@ -705,7 +713,10 @@ def _loop(
     label = "train" if diffusion else "distill"
     bar = tqdm(range(start, config.steps), disable=not (progress and accelerator.is_main_process), desc=label)
     sharded = is_sharded(run.target)  # its validation forwards are collectives
-    encoders = _Encoders(pipe, cache, getattr(batches, "dataset", None), device)
+    # the steps encode the empty prompt for dropped captions, and for guidance unless SDXL's zeros stand for it
+    zeros = hasattr(pipe, "text_encoder_2") and pipe.config.get("force_zeros_for_empty_prompt", True)
+    empty = config.data_options.caption_dropout > 0 or (guided and not zeros)
+    encoders = _Encoders(pipe, cache, getattr(batches, "dataset", None), device, empty)
     # the losses and finiteness flags not yet read back (every LOG_EVERY steps, and before any save: no sync a step)
     pending: list[tuple[torch.Tensor, torch.Tensor]] = []
 
@@ -758,11 +769,15 @@ def _loop(
             encoders.offload_when_cached()
         if checkpoint:  # every process (a sharded student's shards are written by their owners)
             _check_weights_finite(run, own_target, done)
-            save_checkpoint(unwrapped, None if own_target else run.target, optimizer, config, done, losses, scaler,
-                            schedule, extra={"changes": state.changes})  # fmt: skip
-            if accelerator.is_main_process:
-                prune_checkpoints(config, config.checkpoints_total_limit)
-            accelerator.wait_for_everyone()
+
+            def write_checkpoint(done: int = done) -> None:
+                save_checkpoint(unwrapped, None if own_target else run.target, optimizer, config, done, losses,
+                                scaler, schedule, extra={"changes": state.changes})  # fmt: skip
+                if accelerator.is_main_process:
+                    prune_checkpoints(config, config.checkpoints_total_limit)
+
+            # a failure (a full disk) on the process that writes stops every process, none left waiting
+            _everyone(accelerator, write_checkpoint, f"writing the checkpoint of step {done}")
         if validating:
             validate(done)
     if config.validation_every and start == config.steps and not _grid_path(config, start).is_file():
@@ -775,10 +790,13 @@ def _loop(
     _check_weights_finite(run, own_target, config.steps)
     if is_sharded(run.target):  # gathered by every process, saved by the main one as a plain model
         run.target = _gathered(run.target, run.plain_class)
-    if accelerator.is_main_process:
-        _save_student(pipe, unwrapped, run, config, card)
-        write_card(config.output, card)
-    accelerator.wait_for_everyone()
+
+    def export() -> None:
+        if accelerator.is_main_process:
+            _save_student(pipe, unwrapped, run, config, card)
+            write_card(config.output, card)
+
+    _everyone(accelerator, export, "writing the student and its card")  # a failure stops every process
     if config.log_with:
         accelerator.end_training()
     return card
@@ -811,8 +829,8 @@ class _Encoders:
 
     NAMES = ("vae", "text_encoder", "text_encoder_2")
 
-    def __init__(self, pipe: Any, cache: EncodingCache | None, dataset: Any, device: torch.device) -> None:
-        self.pipe, self.cache, self.dataset, self.device = pipe, cache, dataset, device
+    def __init__(self, pipe: Any, cache: EncodingCache | None, dataset: Any, device: torch.device, empty: bool) -> None:
+        self.pipe, self.cache, self.dataset, self.device, self.empty = pipe, cache, dataset, device, empty
         self.offloaded = False
 
     def _models(self) -> list[Any]:
@@ -820,7 +838,9 @@ class _Encoders:
 
     def offload_when_cached(self) -> None:
         """Move the encoders to the CPU once the cache holds everything (checked at the logging interval)."""
-        if self.offloaded or self.cache is None or self.device.type != "cuda" or not self.cache.complete(self.dataset):
+        if self.offloaded or self.cache is None or self.device.type != "cuda":
+            return
+        if not self.cache.complete(self.dataset, self.empty):
             return
         for model in self._models():
             model.to("cpu")

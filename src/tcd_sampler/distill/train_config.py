@@ -105,10 +105,11 @@ class TrainConfig:
         allow_changes: the settings of :data:`CHANGEABLE` a resumed run may change from its checkpoint's (they
             take effect from the resume point, the optimizer's learning rate included, and the card lists them as
             changes at that step). Default none: a resume with another such setting is refused, naming each.
-        ema_device: where a full student's EMA target lives: None (default) on the run's device, ``"cpu"`` in host
-            memory (a full float32 copy of the UNet less on the accelerator, for the copy of the student to the host
-            and an update on the CPU every step; moved to the accelerator for validation). Not with ``fsdp`` (which
-            shards it) or a LoRA (its own target).
+        ema_device: where the diffusion objective's EMA target lives: None (default) on the run's device,
+            ``"cpu"`` in host memory (a full float32 copy of the UNet less on the accelerator, for the copy of the
+            model to the host and an update on the CPU every step; moved to the accelerator for validation). Only
+            for ``method="diffusion"``: a TCD or LCM student's target runs in every step, so it must be on the
+            accelerator; not with ``fsdp`` (which shards it).
         data_identity: what the data is, for the fingerprint: filled by :func:`~tcd_sampler.distill.train.train`
             (a scanned folder's :meth:`~tcd_sampler.distill.data.ImageCaptionDataset.fingerprint`, a stream's path).
             Default None.
@@ -210,9 +211,10 @@ class TrainConfig:
         object.__setattr__(self, "allow_changes", tuple(self.allow_changes))
         if self.ema_device is not None:
             check_choice("ema_device", self.ema_device, ("cpu",))
-            if self.fsdp or (self.lora_rank and self.objective.method != "diffusion"):
-                raise ValueError("ema_device='cpu' is for a full student's EMA target under DDP (with fsdp the EMA is "
-                                 "sharded; a LoRA is its own target)")  # fmt: skip
+            if self.fsdp or self.objective.method != "diffusion":
+                raise ValueError("ema_device='cpu' is for the EMA of the diffusion objective, which the steps never "
+                                 "run: TCD's and LCM's target network runs in every step, on the accelerator (with "
+                                 "fsdp the EMA is sharded instead)")  # fmt: skip
         object.__setattr__(self, "data_options", replace(self.data_options, resolution=self.resolution))
 
     def fingerprint(self) -> dict[str, Any]:
@@ -238,12 +240,17 @@ class TrainConfig:
 def resume_differences(saved: dict[str, Any], config: TrainConfig) -> tuple[dict[str, str], dict[str, str]]:
     """How ``config`` differs from a checkpoint's recorded fingerprint ``saved``: the settings that define another
     run (a resume is refused) and the :data:`CHANGEABLE` ones (a resume applies them where ``allow_changes`` names
-    them), each by name as ``"saved → now"`` (a key the checkpoint lacks reads as ``None``)."""
+    them), each by name as ``"saved → now"``; a setting the checkpoint does not record (one of the previous release,
+    whose fingerprint held fewer) is not compared."""
     now = config.fingerprint()
+    if "teacher_unet" in saved:  # a checkpoint of the previous release: its teacher by digest where it had one
+        saved = {**saved, "teacher": saved["teacher_unet"] or saved.get("teacher")}
     other: dict[str, str] = {}
     changed: dict[str, str] = {}
     for key in sorted(now):
-        if saved.get(key) != now[key]:
+        if key not in saved:  # not recorded (an earlier release's checkpoint): nothing to compare
+            continue
+        if saved[key] != now[key]:
             (changed if key in CHANGEABLE else other)[key] = _difference(saved.get(key), now[key])
     return other, changed
 
