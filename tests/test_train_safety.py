@@ -282,3 +282,25 @@ def test_a_damaged_latest_checkpoint_is_skipped_for_the_previous_one(
     assert "step-00000002" in err and "step-00000001" in err and card["this_run"]["first_step"] == 1
     a, b = weights(whole.output), weights(cfg.output)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_a_flow_transformer_teacher_is_refused_before_it_loads(
+    tmp_path: Path, family: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """SD3 and FLUX pipelines (tiny, saved here): exit 2, one line naming the transformer and what is supported,
+    before the teacher loads."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    import tiny_pipelines
+    from tcd_sampler.cli import main
+
+    folder = tmp_path / family
+    getattr(tiny_pipelines, family)(FlowMatchEulerDiscreteScheduler(shift=3.0)).save_pretrained(folder)
+    monkeypatch.setattr(train_module, "load_pipeline", lambda teacher: pytest.fail("the teacher was loaded"))
+    capsys.readouterr()
+    argv = ["train", "--teacher", str(folder), "--data", images(tmp_path), "--output", str(tmp_path / "out")]
+    assert main([*argv, "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    name = {"sd3": "SD3Transformer2DModel", "flux": "FluxTransformer2DModel"}[family]
+    assert len(err.splitlines()) == 1 and name in err and "UNet2DConditionModel pipelines" in err, err

@@ -59,6 +59,8 @@ class TeacherFacts:
         num_class_embeds: a class-conditional UNet's number of class embeddings (the classes and, last, the null
             class of classifier-free guidance).
         latent: whether it has a VAE (the UNet works on latents).
+        transformer_class: the class of its denoising transformer where it has one instead of a UNet (SD3's
+            ``SD3Transformer2DModel``, FLUX's ``FluxTransformer2DModel``), else None.
     """
 
     text: bool | None = None
@@ -66,6 +68,7 @@ class TeacherFacts:
     in_channels: int | None = None
     num_class_embeds: int | None = None
     latent: bool | None = None
+    transformer_class: str | None = None
 
     @property
     def null_class(self) -> int | None:
@@ -94,7 +97,14 @@ def teacher_facts(teacher: str) -> TeacherFacts:
         in_channels=unet.get("in_channels"),
         num_class_embeds=int(classes) if isinstance(classes, int) and classes > 1 else None,
         latent="vae" in index,
+        transformer_class=_component_class(index, "transformer") if "unet" not in index else None,
     )
+
+
+def _component_class(index: dict[str, Any], name: str) -> str | None:
+    """The class name ``model_index.json`` gives component ``name`` (``[library, class]``), or None."""
+    entry = index.get(name)
+    return str(entry[1]) if isinstance(entry, list) and len(entry) == 2 and entry[1] else None
 
 
 class AdaptersOff:

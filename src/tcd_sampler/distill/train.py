@@ -369,6 +369,20 @@ def _clean(output: Path) -> None:
     clean_leftovers(output)
 
 
+#: The teachers the trainer takes, for the message that refuses another.
+SUPPORTED_TEACHERS = ("UNet2DConditionModel pipelines (SD1.5, SD2.1, SDXL) and UNet2DModel pipelines (pixel space, "
+                      "unconditional or class-conditional)")  # fmt: skip
+
+
+def _check_family(config: TrainConfig, facts: TeacherFacts) -> None:
+    """ValueError, before anything loads, for a local teacher whose denoiser is a transformer (a flow-matching
+    SD3 or FLUX pipeline): the trainer distills UNets only so far."""
+    if facts.transformer_class:
+        raise ValueError(f"teacher {config.teacher} denoises with a {facts.transformer_class} (a flow-matching "
+                         f"transformer): the trainer takes {SUPPORTED_TEACHERS} so far; flow models are sampled "
+                         "with FlowMatchTCDScheduler but not yet distilled")  # fmt: skip
+
+
 def _check_teacher(config: TrainConfig, unet_class: str | None) -> None:
     """ValueError for a LoRA on a UNet without attention projections, or a LoRA with the diffusion objective."""
     if config.lora_rank and config.objective.method == "diffusion":
@@ -570,6 +584,7 @@ def train(config: TrainConfig, progress: bool = True) -> dict[str, Any]:
     if importlib.util.find_spec(OPTIMIZERS[config.optimizer]) is None:
         raise ValueError(f"optimizer={config.optimizer!r} needs the {OPTIMIZERS[config.optimizer]} package: pip "
                          "install it, or use optimizer='adamw'")  # fmt: skip
+    _check_family(config, facts)
     _check_teacher(config, facts.unet_class)
     for name in ("teacher", "data"):  # --overwrite removes result folders such as unet/ from the output
         given = Path(getattr(config, name)).expanduser()
