@@ -304,3 +304,20 @@ def test_a_flow_transformer_teacher_is_refused_before_it_loads(
     err = capsys.readouterr().err.strip()
     name = {"sd3": "SD3Transformer2DModel", "flux": "FluxTransformer2DModel"}[family]
     assert len(err.splitlines()) == 1 and name in err and "UNet2DConditionModel pipelines" in err, err
+
+
+def test_a_resume_from_an_older_checkpoint_sets_the_newer_ones_aside(
+    tmp_path: Path, made: tuple[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Resuming step 1 of a run that reached step 3: steps 2 and 3 are renamed ``*.superseded`` (kept, but never
+    taken by ``--resume latest`` again), and the resumed run writes its own."""
+    cfg = config(tmp_path, *made, steps=3, checkpoint_every=1)
+    train(cfg, progress=False)
+    root = Path(cfg.output) / "checkpoints"
+    capsys.readouterr()
+    card = train(dataclasses.replace(cfg, resume=str(root / "step-00000001"), steps=2, allow_changes=("steps",)),
+                 progress=False)  # fmt: skip
+    assert card["this_run"]["first_step"] == 1
+    names = sorted(p.name for p in root.iterdir())
+    assert names == ["step-00000001", "step-00000002", "step-00000002.superseded", "step-00000003.superseded"]
+    assert "renamed step-00000003.superseded" in capsys.readouterr().err

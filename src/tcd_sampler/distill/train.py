@@ -20,6 +20,7 @@ import errno
 import functools
 import importlib.util
 import json
+import math
 import os
 import shutil
 import sys
@@ -170,13 +171,14 @@ def _step(
 
 def _finite_flags(accelerator: Any, loss: torch.Tensor, params: list[torch.nn.Parameter] | None) -> torch.Tensor:
     """On the device, without a host sync: whether this step's loss and (where ``params`` are given) each
-    parameter's gradient are finite — a float vector ``[loss, grad 0, grad 1, …]`` of 1 (finite) and 0, the same on
-    every process (a sharded gradient's shards are checked by their owners, then combined)."""
+    parameter's gradient are finite (by its largest magnitude: a NaN or an infinity, never a large finite value) —
+    a float vector ``[loss, grad 0, grad 1, …]`` of 1 (finite) and 0, the same on every process (a sharded
+    gradient's shards are checked by their owners, then combined)."""
     checks = [torch.isfinite(loss).reshape(1)]
     grads = [] if params is None else [p.grad for p in params]
     if grads:
         present = [_local_tensor(g) for g in grads if g is not None]
-        norms = iter(torch._foreach_norm(present) if present else [])
+        norms = iter(torch._foreach_norm(present, math.inf) if present else [])
         checks += [torch.isfinite(next(norms)).reshape(1) if g is not None else checks[0].new_ones(1) for g in grads]
     flags = torch.cat(checks).float()
     if accelerator.num_processes > 1:  # a sharded gradient's shards differ; the loss here is this process's
@@ -208,14 +210,15 @@ def _nonfinite_message(step: int, flags: torch.Tensor, names: list[str], saved: 
 
 def _all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
     """Whether every element of ``tensors`` (on any devices) is finite, as a 0-d float tensor on the first's device
-    (1 or 0): one norm per tensor, one read per device."""
+    (1 or 0): one largest magnitude per tensor (which a NaN or an infinity makes non-finite, and large finite values
+    do not), one read per device."""
     by_device: dict[torch.device, list[torch.Tensor]] = {}
     for tensor in tensors:
         if tensor.numel():
             by_device.setdefault(tensor.device, []).append(tensor)
     ok = True
     for group in by_device.values():
-        ok = ok and bool(torch.stack([torch.isfinite(n) for n in torch._foreach_norm(group)]).all())
+        ok = ok and bool(torch.stack([torch.isfinite(n) for n in torch._foreach_norm(group, math.inf)]).all())
     device = tensors[0].device if tensors else torch.device("cpu")
     return torch.tensor(float(ok), device=device)
 
@@ -523,7 +526,25 @@ def _found_checkpoint(config: TrainConfig) -> Path | None:
             tqdm.write(f"warning: {note.message}", file=sys.stderr)
         else:
             warnings.warn_explicit(note.message, note.category, note.filename, note.lineno)
+    if found is not None:
+        _supersede(Path(config.output) / CHECKPOINTS, Path(found))
     return found
+
+
+def _supersede(root: Path, chosen: Path) -> None:
+    """Rename the checkpoints of ``root`` newer than ``chosen`` (a resume from an older one, or past a damaged one)
+    to ``<name>.superseded``: kept for inspection, but no longer what ``--resume latest`` or the pruning sees, so
+    that a later resume cannot continue the abandoned branch."""
+    if chosen.resolve().parent != root.resolve():
+        return
+    for newer in (p for p in checkpoint_folders(root) if p.name > chosen.name):
+        aside = newer.with_name(f"{newer.name}.superseded")
+        n = 1
+        while aside.exists():
+            n += 1
+            aside = newer.with_name(f"{newer.name}.superseded-{n}")
+        newer.rename(aside)
+        tqdm.write(f"{newer.name} is newer than the checkpoint resumed: renamed {aside.name}", file=sys.stderr)
 
 
 def _check_settings(folder: Path, config: TrainConfig) -> list[dict[str, Any]]:
