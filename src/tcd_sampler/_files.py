@@ -357,32 +357,3 @@ def clean_leftovers(folder: str | Path, subfolders: tuple[str, ...] = RUN_SUBFOL
                     continue
                 handled.append(path)
     return handled
-    for here, folders, files in os.walk(root):
-        parent = Path(here)
-        for name in sorted(folders):
-            path = parent / name
-            if path.is_symlink():
-                continue
-            aside = _ASIDE.fullmatch(name)
-            temporary = _TEMP_FOLDER.fullmatch(name) or (parent.name == "checkpoints" and _TEMP_STEP.fullmatch(name))
-            if aside and not os.path.lexists(parent / aside["name"]):
-                try:
-                    os.replace(path, parent / aside["name"])
-                except OSError:
-                    continue
-                handled.append(path)
-                folders[folders.index(name)] = aside["name"]  # walked under its own name
-            elif aside or temporary:
-                shutil.rmtree(path, ignore_errors=True)
-                if not path.exists():
-                    handled.append(path)
-                    folders.remove(name)
-        for name in sorted(files):
-            path = parent / name
-            if _TEMP_FILE.fullmatch(name) and path.is_file() and not path.is_symlink():
-                try:
-                    path.unlink()
-                except OSError:
-                    continue
-                handled.append(path)
-    return handled
