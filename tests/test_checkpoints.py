@@ -345,6 +345,25 @@ def test_verified_folders_are_hashed_once(tmp_path: Path, monkeypatch: pytest.Mo
         check_checkpoint(folder, cfg)
 
 
+def test_sizes_only_where_another_process_hashes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``hashes=False`` (the other processes of a machine whose first process verifies) reads no file's bytes: a
+    flipped bit goes unseen there, a truncated file does not; the verifying call still names the flip."""
+    import tcd_sampler.distill.checkpoints as checkpoints
+
+    cfg, run = run_config(tmp_path, lora=False), Small()
+    folder = run.save(cfg, 1)
+    flip(folder / "tensors.safetensors", -3)
+    monkeypatch.setattr(checkpoints, "_sha256", lambda path: pytest.fail(f"{path.name} was hashed"))
+    check_checkpoint(folder, cfg, hashes=False)
+    monkeypatch.undo()
+    with pytest.raises(DamagedCheckpointError, match="sha256 differs"):
+        check_checkpoint(folder, cfg)
+    tensors = folder / "tensors.safetensors"
+    tensors.write_bytes(tensors.read_bytes()[:-1])
+    with pytest.raises(DamagedCheckpointError, match="truncated"):
+        check_checkpoint(folder, cfg, hashes=False)
+
+
 def test_format_2_is_read_unverified(tmp_path: Path) -> None:
     """A checkpoint of the previous release (format 2: no manifest, optimizer tensors ``<name>.<entry>``) loads to
     the bit, with a warning that its files are not verified."""

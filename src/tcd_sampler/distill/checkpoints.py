@@ -476,7 +476,7 @@ def prune_checkpoints(config: TrainConfig, keep: int) -> list[Path]:
     return old
 
 
-def check_checkpoint(folder: Path, config: TrainConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+def check_checkpoint(folder: Path, config: TrainConfig, hashes: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
     """The checks of the checkpoint in ``folder`` that read only local files, no collective: ``checkpoint.json``
     (its checksum), that it is this run's (ValueError where a setting that defines the run differs; those
     ``allow_changes`` may change are the caller's to compare, with
@@ -488,7 +488,10 @@ def check_checkpoint(folder: Path, config: TrainConfig) -> tuple[dict[str, Any],
     inodes and change times stay as they were (files changed within 2 s of the verification are hashed every
     time). A format-2 checkpoint (no manifest) is read with a :class:`CheckpointWarning` that its files are not
     verified (their headers are read). Returns ``checkpoint.json`` and ``state.json``; ValueError as
-    :func:`load_checkpoint` (:class:`DamagedCheckpointError` where a file is missing, truncated or altered)."""
+    :func:`load_checkpoint` (:class:`DamagedCheckpointError` where a file is missing, truncated or altered).
+    ``hashes`` False (default True) checks the files' sizes only: for the processes of a run whose files another
+    process of the same machine verifies.
+    """
     folder = Path(folder)
     meta = _meta(folder)
     other, _ = resume_differences(meta, config)
@@ -497,7 +500,7 @@ def check_checkpoint(folder: Path, config: TrainConfig) -> tuple[dict[str, Any],
         raise ValueError(f"resume: checkpoint {folder} is from another run ({listed}); pass another --output, or "
                          "--overwrite without --resume to start over there")  # fmt: skip
     if "files" in meta:
-        _verify(folder, meta)
+        _verify(folder, meta, hashes)
         state = _state(folder)
     else:
         state = _state(folder)
@@ -530,9 +533,9 @@ _VERIFIED: dict[Path, tuple[str, tuple[tuple[str, int, int, int], ...]]] = {}
 _SETTLED_NS = 2_000_000_000  # files changed this long before a verification are not hashed again while unchanged
 
 
-def _verify(folder: Path, meta: dict[str, Any]) -> None:
-    """Check every file of the manifest of the checkpoint in ``folder`` (its size and sha256) and that no tensor
-    file is missing from it; DamagedCheckpointError naming the file and what is wrong."""
+def _verify(folder: Path, meta: dict[str, Any], hashes: bool = True) -> None:
+    """Check every file of the manifest of the checkpoint in ``folder`` (its size and, with ``hashes``, its sha256)
+    and that no tensor file is missing from it; DamagedCheckpointError naming the file and what is wrong."""
     files = meta["files"]
     if not isinstance(files, dict) or not all(isinstance(e, dict) and {"sha256", "bytes"} <= e.keys()
                                               for e in files.values()):  # fmt: skip
@@ -555,7 +558,7 @@ def _verify(folder: Path, meta: dict[str, Any]) -> None:
                                          f"{stat.st_size} bytes, the manifest says {entry['bytes']}")  # fmt: skip
         seen.append((name, stat.st_size, stat.st_ino, stat.st_ctime_ns))
     key, signature = folder.resolve(), (meta["checksum"], tuple(seen))
-    if _VERIFIED.get(key) == signature:
+    if not hashes or _VERIFIED.get(key) == signature:
         return
     for name, entry in sorted(files.items()):
         try:
@@ -571,7 +574,7 @@ def _verify(folder: Path, meta: dict[str, Any]) -> None:
 
 def load_checkpoint(
     folder: Path | None, student: Any, target: Any | None, optimizer: Any, config: TrainConfig, scaler: Any = None,
-    lr_scheduler: Any = None,
+    lr_scheduler: Any = None, hashes: bool = True,
 ) -> tuple[int, list[float | None]]:  # fmt: skip
     """Load the checkpoint in ``folder`` (:func:`find_checkpoint`; None: start, step 0) into ``student``, ``target``,
     ``optimizer`` (and fp16's ``scaler`` and the ``lr_scheduler``, where given and saved), plain or sharded, from a
@@ -579,11 +582,12 @@ def load_checkpoint(
     skipped). Every process calls this (a sharded student's load is a collective). ValueError where the folder is
     not a checkpoint, is from another run (a setting that defines the run differs), is of a format no longer read,
     or a file is missing or damaged (:class:`DamagedCheckpointError`, naming it) — raised by every process alike,
-    before any collective, where the processes see the same files (:func:`check_checkpoint`)."""
+    before any collective, where the processes see the same files (:func:`check_checkpoint`; ``hashes`` as there).
+    """
     if folder is None:
         return 0, []
     folder = Path(folder)
-    meta, state = check_checkpoint(folder, config)
+    meta, state = check_checkpoint(folder, config, hashes)
     optimizer = _unwrapped(optimizer)
     if _sharded(student, target):
         _load_sharded(folder, state, student, target, optimizer)

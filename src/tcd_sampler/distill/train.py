@@ -511,7 +511,9 @@ def _chosen_checkpoint(accelerator: Any, config: TrainConfig) -> tuple[Path | No
         folder = broadcast_object_list([folder], from_process=0)[0]
     if folder is None:
         return None, []
-    changes: list[dict[str, Any]] = _everyone(accelerator, lambda: _check_settings(Path(folder), config),
+    # the files hashed once a machine (by its first process), their sizes checked by every process
+    hashes = accelerator.local_process_index == 0
+    changes: list[dict[str, Any]] = _everyone(accelerator, lambda: _check_settings(Path(folder), config, hashes),
                                               f"resume: reading checkpoint {folder}")  # fmt: skip
     return Path(folder), changes
 
@@ -547,12 +549,12 @@ def _supersede(root: Path, chosen: Path) -> None:
         tqdm.write(f"{newer.name} is newer than the checkpoint resumed: renamed {aside.name}", file=sys.stderr)
 
 
-def _check_settings(folder: Path, config: TrainConfig) -> list[dict[str, Any]]:
+def _check_settings(folder: Path, config: TrainConfig, hashes: bool = True) -> list[dict[str, Any]]:
     """Check the checkpoint in ``folder`` (its files, and the settings that define a run: :func:`check_checkpoint`)
     and that ``config`` continues it: ValueError where ``steps`` is below the checkpoint's, or where a
     :data:`~tcd_sampler.distill.train_config.CHANGEABLE` setting differs that ``allow_changes`` does not name — each
     difference listed. Returns the changes so far, this resume's appended (each ``{"step", "setting", "change"}``)."""
-    meta, _ = check_checkpoint(folder, config)
+    meta, _ = check_checkpoint(folder, config, hashes)
     step = int(meta["step"])
     _, changed = resume_differences(meta, config)
     if config.steps < step:
@@ -577,10 +579,12 @@ def _resume(
     if folder is None:
         return 0, []
     target = None if run.target is run.student else run.target
-    found: tuple[int, list[float | None]] = _everyone(
-        accelerator, lambda: load_checkpoint(folder, run.student, target, run.optimizer, config, scaler, schedule),
-        f"resume: reading checkpoint {folder}",
-    )  # fmt: skip
+    hashes = accelerator.local_process_index == 0  # verified by _chosen_checkpoint: cached there
+
+    def load() -> tuple[int, list[float | None]]:
+        return load_checkpoint(folder, run.student, target, run.optimizer, config, scaler, schedule, hashes=hashes)
+
+    found: tuple[int, list[float | None]] = _everyone(accelerator, load, f"resume: reading checkpoint {folder}")
     schedule.base_lrs = [config.lr for _ in schedule.base_lrs]
     for group, base, factor in zip(run.optimizer.param_groups, schedule.base_lrs, schedule.lr_lambdas, strict=True):
         group["initial_lr"], group["lr"] = base, base * factor(schedule.last_epoch)
