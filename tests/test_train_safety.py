@@ -321,3 +321,28 @@ def test_a_resume_from_an_older_checkpoint_sets_the_newer_ones_aside(
     names = sorted(p.name for p in root.iterdir())
     assert names == ["step-00000001", "step-00000002", "step-00000002.superseded", "step-00000003.superseded"]
     assert "renamed step-00000003.superseded" in capsys.readouterr().err
+
+
+def test_a_teacher_with_another_schedule_is_another_run(tmp_path: Path, made: tuple[str, str]) -> None:
+    """The teacher's noise schedule is part of the run: the same UNet with another prediction type in its scheduler
+    config is refused on resume, naming teacher_schedule."""
+    t, data = made
+    cfg = config(tmp_path, t, data, steps=1, checkpoint_every=1)
+    train(cfg, progress=False)
+    settings = Path(t) / "scheduler" / "scheduler_config.json"
+    settings.write_text(settings.read_text().replace('"epsilon"', '"v_prediction"'))
+    with pytest.raises(ValueError, match=r"from another run \(teacher_schedule: "):
+        train(dataclasses.replace(cfg, resume="latest"), progress=False)
+
+
+def test_skip_in_the_middle_of_a_run(tmp_path: Path, made: tuple[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A skipped step between good ones: the card lists it, the steps after it train on (finite losses and
+    weights), and a checkpoint written after it resumes."""
+    cfg = config(tmp_path, *made, steps=4, checkpoint_every=3, on_nonfinite="skip")
+    inject(monkeypatch, 2, "gradient")
+    card = train(cfg, progress=False)
+    assert card["skipped_steps"] == [2] and card["losses"][1] is None
+    assert all(loss is not None and loss > 0 for i, loss in enumerate(card["losses"]) if i != 1)
+    assert all(torch.isfinite(w).all() for w in weights(cfg.output).values())
+    state = json.loads((Path(cfg.output) / "checkpoints" / "step-00000003" / "state.json").read_text())
+    assert state["losses"][1] is None

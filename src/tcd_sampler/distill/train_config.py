@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -220,13 +221,12 @@ class TrainConfig:
     def fingerprint(self) -> dict[str, Any]:
         """Every setting that changes the result, as JSON values: what a checkpoint records and a resume compares
         (:func:`resume_differences`). The teacher is identified by its content where it is a local folder
-        (:func:`teacher_identity`: the same teacher by another path is the same), by its id otherwise; the data by
-        ``data_identity`` (its path where unset)."""
-        import json
-
+        (:func:`teacher_identity`: the same teacher by another path is the same) and its schedule
+        (:func:`schedule_identity`), by its id otherwise; the data by ``data_identity`` (its path where unset)."""
         options = {k: v for k, v in asdict(self.data_options).items() if k not in ("resolution", "seed")}
         own_target = bool(self.lora_rank) and self.objective.method != "diffusion"  # a LoRA: no EMA
-        found = {"teacher": teacher_identity(self.teacher) or self.teacher, "objective": asdict(self.objective),
+        found = {"teacher": teacher_identity(self.teacher) or self.teacher,
+                 "teacher_schedule": schedule_identity(self.teacher), "objective": asdict(self.objective),
                  "lora_rank": self.lora_rank, "lora_alpha": self.lora_alpha, "lora_targets": self.lora_targets,
                  "optimizer": self.optimizer, "batch_size": self.batch_size, "seed": self.seed, "lr": self.lr,
                  "lr_scheduler": self.lr_scheduler, "lr_warmup_steps": self.lr_warmup_steps, "steps": self.steps,
@@ -266,6 +266,22 @@ def _difference(saved: Any, now: Any) -> str:
 def _short(value: Any) -> str:
     text = str(value)
     return text if len(text) <= 60 else text[:28] + "…" + text[-28:]
+
+
+def schedule_identity(teacher: str) -> str | None:
+    """A digest of a local teacher's noise schedule (``scheduler/scheduler_config.json``: its betas, prediction
+    type, …, which the objective reads), so that a checkpoint is not resumed against a teacher whose schedule was
+    changed; None for a Hub id or a folder without one."""
+    path = Path(teacher).expanduser() / "scheduler" / "scheduler_config.json"
+    if not path.is_file():
+        return None
+    try:
+        settings = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    if isinstance(settings, dict):  # diffusers' bookkeeping is not the schedule
+        settings = {k: v for k, v in settings.items() if k != "_diffusers_version"}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def teacher_identity(teacher: str) -> str | None:
