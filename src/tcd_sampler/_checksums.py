@@ -8,16 +8,26 @@ import hashlib
 import threading
 from pathlib import Path
 
-__all__ = ["sha256_file"]
+__all__ = ["file_sha256", "sha256_file"]
 
-_CHUNK = 1 << 20
 # (resolved path, size, mtime_ns, inode) → hex digest: a file rewritten since is hashed again
 _DIGESTS: dict[tuple[str, int, int, int], str] = {}
 _LOCK = threading.Lock()
 
 
+def file_sha256(path: str | Path) -> str:
+    """The hex SHA-256 of the file at ``path``, read now (no cache: for callers that keep their own, such as the
+    checkpoint verifier's).
+
+    Raises:
+        OSError: the file cannot be read (FileNotFoundError when it is missing).
+    """
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
 def sha256_file(path: str | Path) -> str:
-    """The hex SHA-256 of the file at ``path``, read in 1 MiB chunks; cached for the rest of the process under the
+    """The hex SHA-256 of the file at ``path`` (:func:`file_sha256`); cached for the rest of the process under the
     file's resolved path, size, modification time and inode, so each unchanged file is read once.
 
     Raises:
@@ -30,11 +40,7 @@ def sha256_file(path: str | Path) -> str:
         known = _DIGESTS.get(key)
     if known is not None:
         return known
-    digest = hashlib.sha256()
-    with open(file, "rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    value = digest.hexdigest()
+    value = file_sha256(file)
     with _LOCK:
         _DIGESTS[key] = value
     return value

@@ -48,8 +48,9 @@ from typing import Any
 
 import torch
 
+from .._checksums import file_sha256 as _sha256
 from .._files import replace_folder, space_problem, storage_problem
-from .sharding import is_sharded
+from .sharding import is_sharded, local_tensor
 from .train_config import TrainConfig, resume_differences
 
 __all__ = [
@@ -238,11 +239,6 @@ def _checksum(meta: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(rest, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def _sha256(path: Path) -> str:
-    with path.open("rb") as file:
-        return hashlib.file_digest(file, "sha256").hexdigest()
-
-
 def _manifest(folder: Path) -> dict[str, dict[str, Any]]:
     """The sha256 and size of every file under ``folder`` but its ``checkpoint.json``, by name in the folder."""
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.relative_to(folder).as_posix() != META)
@@ -251,7 +247,7 @@ def _manifest(folder: Path) -> dict[str, dict[str, Any]]:
 
 def _local_bytes(value: Any) -> int:
     """The bytes this process writes of ``value`` (a tensor, or a DTensor's local shard)."""
-    local = value.to_local() if hasattr(value, "to_local") else value
+    local = local_tensor(value)
     return int(local.numel() * local.element_size())
 
 

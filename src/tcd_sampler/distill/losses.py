@@ -24,6 +24,7 @@ import torch
 
 from ..core.paths import VPDiscrete
 from ..core.step import consistency_jump
+from .sharding import local_tensor
 
 __all__ = [
     "DISTANCES",
@@ -189,7 +190,7 @@ def ema_update(target: torch.nn.Module, source: torch.nn.Module, decay: float) -
         raise ValueError(f"ema_update: the target has {len(targets)} parameters, the source {len(sources)}")
     if not targets:
         return
-    local_targets, local_sources = [_local(p) for p in targets], [_local(p) for p in sources]
+    local_targets, local_sources = [local_tensor(p) for p in targets], [local_tensor(p) for p in sources]
     if local_targets[0].device == local_sources[0].device:
         torch._foreach_lerp_(local_targets, local_sources, 1 - decay)
         return
@@ -203,9 +204,3 @@ def ema_update(target: torch.nn.Module, source: torch.nn.Module, decay: float) -
         copies = [s.to(t.device) for s, t in zip(local_sources[start:stop], local_targets[start:stop], strict=True)]
         torch._foreach_lerp_(local_targets[start:stop], copies, 1 - decay)
         start = stop
-
-
-def _local(p: torch.Tensor) -> torch.Tensor:
-    """This process's shard of a DTensor parameter (a view: updated in place), or the tensor itself."""
-    to_local = getattr(p, "to_local", None)
-    return p if to_local is None else to_local()

@@ -20,11 +20,17 @@ from typing import Any
 
 import torch
 
-__all__ = ["BLOCKS", "full_state_dict", "gradient_sync", "is_sharded", "shard"]
+__all__ = ["BLOCKS", "full_state_dict", "gradient_sync", "is_sharded", "local_tensor", "shard"]
 
 #: The attributes that hold a network's blocks (a module list or one module), each block one FSDP unit: diffusers'
 #: UNet2DConditionModel and UNet2DModel (down, middle, up), and its transformers (double- and single-stream blocks).
 BLOCKS = ("down_blocks", "mid_block", "up_blocks", "transformer_blocks", "single_transformer_blocks")
+
+
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a DTensor (a view: an in-place update reaches the DTensor), or ``tensor`` itself."""
+    to_local = getattr(tensor, "to_local", None)
+    return tensor if to_local is None else to_local()
 
 
 def _blocks(network: torch.nn.Module) -> list[torch.nn.Module]:

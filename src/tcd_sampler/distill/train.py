@@ -53,7 +53,7 @@ from .export.lora import COMFYUI_SUFFIX
 from .losses import ema_update
 from .models import Run, TeacherFacts, build_models, load_pipeline, make_optimizer, place, run_dtype, teacher_facts
 from .objective import batch_loss, draw
-from .sharding import full_state_dict, gradient_sync, is_sharded, shard
+from .sharding import full_state_dict, gradient_sync, is_sharded, local_tensor, shard
 from .teachers import Conditioning, check_class_captions, conditions, teacher_path
 from .train_config import OPTIMIZERS, TRACKERS, TrainConfig, resume_differences, teacher_identity
 from .validation import validation_grid
@@ -177,18 +177,13 @@ def _finite_flags(accelerator: Any, loss: torch.Tensor, params: list[torch.nn.Pa
     checks = [torch.isfinite(loss).reshape(1)]
     grads = [] if params is None else [p.grad for p in params]
     if grads:
-        present = [_local_tensor(g) for g in grads if g is not None]
+        present = [local_tensor(g) for g in grads if g is not None]
         norms = iter(torch._foreach_norm(present, math.inf) if present else [])
         checks += [torch.isfinite(next(norms)).reshape(1) if g is not None else checks[0].new_ones(1) for g in grads]
     flags = torch.cat(checks).float()
     if accelerator.num_processes > 1:  # a sharded gradient's shards differ; the loss here is this process's
         flags = (accelerator.reduce(flags, reduction="sum") == accelerator.num_processes).float()
     return flags
-
-
-def _local_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    to_local = getattr(tensor, "to_local", None)
-    return tensor if to_local is None else to_local()
 
 
 def _nonfinite_message(step: int, flags: torch.Tensor, names: list[str], saved: int) -> str:
@@ -226,9 +221,9 @@ def _all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
 def _check_weights_finite(run: Run, own_target: bool, step: int) -> None:
     """NonFiniteError where a weight to be saved (the trained parameters, the EMA target) is not finite: a
     checkpoint or an export never holds one. Every process calls it (the verdict is combined)."""
-    tensors = [_local_tensor(p.detach()) for p in run.trainable]
+    tensors = [local_tensor(p.detach()) for p in run.trainable]
     if not own_target:
-        tensors += [_local_tensor(p.detach()) for p in run.target.parameters()]
+        tensors += [local_tensor(p.detach()) for p in run.target.parameters()]
     ok = _all_finite(tensors)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
@@ -331,13 +326,11 @@ def _previous_run(output: Path) -> str | None:
 
 
 def _prepare_output(config: TrainConfig) -> _Lock:
-    """The main process's checks of the output folder, before anything slow: created and test-written, locked for
+    """The main process's checks of the output folder, before anything slow: created (:func:`train` checked that it
+    can be written), locked for
     this run, our own leftovers of killed runs removed, and another run's checkpoints or results refused (unless
     resumed, or removed with ``overwrite``). Returns the lock (held until released)."""
-    output = Path(config.output)
-    problem = folder_problem(output)
-    if problem:
-        raise ValueError(f"output {output}: {problem}")
+    output = Path(config.output)  # checked to be writable by train() before accelerate started
     output.mkdir(parents=True, exist_ok=True)
     lock = _Lock(output)
     try:
